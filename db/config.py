@@ -1,0 +1,344 @@
+"""Database settings: environment variable > config.yaml > default, resolved once into a frozen object."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import NoSuchModuleError
+
+from db.errors import DatabaseConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_FILE = Path("config.yaml")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+SERVER_TYPES = ("sqlite", "postgresql")
+MEMORY = ":memory:"
+DEFAULT_SOURCE = "default"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its field, environment variable, YAML keys (preferred first) and default."""
+
+    field: str
+    env: str
+    yaml_keys: tuple[str, ...]
+    default: Any
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("type", "DATABASE_TYPE", ("database.type",), "sqlite"),
+    Setting("url", "DATABASE_URL", ("database.url",), None, secret=True),
+    Setting("host", "DATABASE_HOST", ("database.postgresql.host", "database.host"), "localhost"),
+    Setting("port", "DATABASE_PORT", ("database.postgresql.port", "database.port"), 5432),
+    Setting("name", "DATABASE_NAME", ("database.postgresql.name", "database.name"), "coding_agent"),
+    Setting("user", "DATABASE_USER", ("database.postgresql.user", "database.user"), None),
+    Setting("password", "DATABASE_PASSWORD", ("database.postgresql.password", "database.password"), None, secret=True),
+    Setting("sslmode", "DATABASE_SSLMODE", ("database.postgresql.sslmode", "database.sslmode"), None),
+    Setting("sqlite_path", "DATABASE_SQLITE_PATH", ("database.sqlite.path",), "tasks.db"),
+    Setting("pool_size", "DATABASE_POOL_SIZE", ("database.pool.size",), 5),
+    Setting("pool_max_overflow", "DATABASE_POOL_MAX_OVERFLOW", ("database.pool.max_overflow",), 10),
+    Setting("pool_timeout", "DATABASE_POOL_TIMEOUT", ("database.pool.timeout",), 30),
+    Setting("pool_recycle", "DATABASE_POOL_RECYCLE", ("database.pool.recycle",), 3600),
+    Setting("connect_timeout", "DATABASE_CONNECT_TIMEOUT", ("database.connect_timeout",), 10),
+    Setting("startup_timeout", "DATABASE_STARTUP_TIMEOUT", ("database.startup_timeout",), 30.0),
+    Setting("retry_timeout", "DATABASE_RETRY_TIMEOUT", ("database.retry_timeout",), 10.0),
+    Setting("echo", "DATABASE_ECHO", ("database.echo",), False),
+)
+BASE_DIR_KEY = "context_storage.base_dir"
+DEFAULT_BASE_DIR = "contexts"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Connection pool sizing (design §2.2.2); used for server databases only."""
+
+    size: int = 5
+    max_overflow: int = 10
+    timeout: int = 30
+    recycle: int = 3600
+
+
+@dataclass(frozen=True, repr=False)
+class DatabaseConfig:
+    """Where the task table lives and how to reach it.
+
+    `sources` maps each field to where its value came from (an environment variable, a config.yaml key or
+    the default); errors use it to name the setting at fault.
+    """
+
+    type: str = "sqlite"
+    host: str = "localhost"
+    port: int = 5432
+    name: str = "coding_agent"
+    user: str | None = None
+    password: str | None = None
+    sslmode: str | None = None
+    url: str | None = None
+    sqlite_path: str = str(Path(DEFAULT_BASE_DIR) / "tasks.db")
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    echo: bool = False
+    connect_timeout: int = 10
+    startup_timeout: float = 30.0
+    retry_timeout: float = 10.0
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            url = _parse_url(self.url, self._label("url"), self.sslmode)
+            object.__setattr__(self, "type", url.get_backend_name())
+        elif self.type not in SERVER_TYPES:
+            self._fail("type", f"unknown database type {self.type!r}; allowed: {', '.join(SERVER_TYPES)}")
+        if self.sslmode is not None and self.sslmode not in SSL_MODES:
+            self._fail("sslmode", f"unknown sslmode {self.sslmode!r}; allowed: {', '.join(SSL_MODES)}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            self._fail("port", f"must be an integer in 1..65535, got {self.port!r}")
+        if self.type == "postgresql" and self.url is None:
+            if not self.name:
+                self._fail("name", "the database name must not be empty")
+            if not self.host:
+                self._fail("host", "the host must not be empty")
+        if self.type == "sqlite" and self.url is None and not self.sqlite_path:
+            self._fail("sqlite_path", "the SQLite path must not be empty")
+        for name, low, what in (
+            ("size", 1, ">= 1"),
+            ("max_overflow", 0, ">= 0"),
+            ("timeout", 1, "> 0"),
+        ):
+            _check_int(getattr(self.pool, name), low, self._label(f"pool_{name}"), what)
+        recycle = self.pool.recycle
+        if isinstance(recycle, bool) or not isinstance(recycle, int) or not (recycle == -1 or recycle > 0):
+            self._fail("pool_recycle", f"must be -1 (off) or an integer > 0, got {recycle!r}")
+        _check_int(self.connect_timeout, 1, self._label("connect_timeout"), "> 0")
+        for name in ("startup_timeout", "retry_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                self._fail(name, f"must be a number of seconds >= 0, got {value!r}")
+
+    def _label(self, name: str) -> str:
+        return self.sources.get(name, name)
+
+    def _fail(self, name: str, problem: str) -> None:
+        raise DatabaseConfigError(f"{self._label(name)}: {problem}")
+
+    @classmethod
+    def load(
+        cls, config: Mapping[str, Any] | str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> DatabaseConfig:
+        """Resolve every setting from `env` (default `os.environ`), then `config`, then the defaults.
+
+        `config` is the parsed config.yaml, a path to a YAML file, or None for ./config.yaml when it exists.
+        """
+        document, file_label = _read_config(config)
+        resolver = _Resolver(os.environ if env is None else env, document, file_label)
+        values = {setting.field: resolver.resolve(setting) for setting in SETTINGS}
+        sources = dict(resolver.sources)
+        base_dir, base_source = resolver.lookup(BASE_DIR_KEY)
+        sqlite_path = str(values["sqlite_path"])
+        if sqlite_path != MEMORY and not Path(sqlite_path).is_absolute():
+            sqlite_path = str(Path(DEFAULT_BASE_DIR if base_dir in (None, "") else str(base_dir)) / sqlite_path)
+            if base_source is not None:
+                sources["base_dir"] = base_source
+        if sources["password"] != DEFAULT_SOURCE or _url_has_password(values["url"], sources["url"]):
+            resolver.warn_on_yaml_secret(("password", "url"), values)
+        return cls(
+            type=_normalise_type(values["type"]),
+            host=str(values["host"]),
+            port=_to_int(values["port"], sources["port"]),
+            name=str(values["name"]),
+            user=values["user"],
+            password=values["password"],
+            sslmode=values["sslmode"],
+            url=values["url"],
+            sqlite_path=sqlite_path,
+            pool=PoolConfig(
+                size=_to_int(values["pool_size"], sources["pool_size"]),
+                max_overflow=_to_int(values["pool_max_overflow"], sources["pool_max_overflow"]),
+                timeout=_to_int(values["pool_timeout"], sources["pool_timeout"]),
+                recycle=_to_int(values["pool_recycle"], sources["pool_recycle"]),
+            ),
+            echo=_to_bool(values["echo"], sources["echo"]),
+            connect_timeout=_to_int(values["connect_timeout"], sources["connect_timeout"]),
+            startup_timeout=_to_float(values["startup_timeout"], sources["startup_timeout"]),
+            retry_timeout=_to_float(values["retry_timeout"], sources["retry_timeout"]),
+            sources=sources,
+        )
+
+    @cached_property
+    def sqlalchemy_url(self) -> URL:
+        """The URL handed to `create_engine`, built with `URL.create` so any password works."""
+        if self.url is not None:
+            return _parse_url(self.url, self._label("url"), self.sslmode)
+        if self.type == "sqlite":
+            return URL.create("sqlite", database=None if self.sqlite_path == MEMORY else self.sqlite_path)
+        return URL.create(
+            "postgresql+psycopg2",
+            username=self.user or None,
+            password=self.password or None,
+            host=self.host,
+            port=self.port,
+            database=self.name,
+            query={"sslmode": self.sslmode} if self.sslmode else {},
+        )
+
+    @property
+    def safe_url(self) -> str:
+        """The URL as text with the password replaced by `***`."""
+        return self.sqlalchemy_url.render_as_string(hide_password=True)
+
+    @property
+    def backend(self) -> str:
+        """The SQLAlchemy backend name: `sqlite`, `postgresql`, ..."""
+        return self.sqlalchemy_url.get_backend_name()
+
+    @property
+    def is_sqlite_memory(self) -> bool:
+        """True for an in-memory SQLite database, which lives and dies with its connection."""
+        return self.backend == "sqlite" and self.sqlalchemy_url.database in (None, "", MEMORY)
+
+    def __repr__(self) -> str:
+        return f"DatabaseConfig(backend={self.backend!r}, url={self.safe_url!r}, pool={self.pool!r})"
+
+
+class _Resolver:
+    """Looks a setting up in the environment, then the YAML document, recording where each value came from."""
+
+    def __init__(self, env: Mapping[str, str], document: Mapping[str, Any], file_label: str) -> None:
+        self.env = env
+        self.document = document
+        self.file_label = file_label
+        self.sources: dict[str, str] = {}
+
+    def lookup(self, dotted: str) -> tuple[Any, str | None]:
+        node: Any = self.document
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None, None
+            node = node[part]
+        return node, f"{dotted} ({self.file_label})"
+
+    def resolve(self, setting: Setting) -> Any:
+        # An empty string counts as unset: docker-compose's ${VAR:-} produces those.
+        value = self.env.get(setting.env)
+        if value not in (None, ""):
+            self.sources[setting.field] = f"{setting.env} (environment)"
+            return value
+        for key in setting.yaml_keys:
+            value, source = self.lookup(key)
+            if value not in (None, "") and source is not None:
+                if isinstance(value, Mapping | list):
+                    raise DatabaseConfigError(f"{source}: must be a single value, not a {type(value).__name__}")
+                self.sources[setting.field] = source
+                return value if isinstance(value, int | float | bool) else str(value)
+        self.sources[setting.field] = DEFAULT_SOURCE
+        return setting.default
+
+    def warn_on_yaml_secret(self, fields: tuple[str, ...], values: Mapping[str, Any]) -> None:
+        for name in fields:
+            source = self.sources[name]
+            if values[name] and source.endswith(f"({self.file_label})"):
+                logger.warning(
+                    "%s holds a database password; set it in the DATABASE_PASSWORD environment variable instead",
+                    source,
+                )
+
+
+def _read_config(config: Mapping[str, Any] | str | os.PathLike[str] | None) -> tuple[Mapping[str, Any], str]:
+    if isinstance(config, Mapping):
+        return config, "config.yaml"
+    path = DEFAULT_CONFIG_FILE if config is None else Path(config)
+    if config is None and not path.exists():
+        return {}, "config.yaml"
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DatabaseConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise DatabaseConfigError(f"{path}: not valid YAML ({exc})") from None
+    if document is None:
+        return {}, path.name
+    if not isinstance(document, Mapping):
+        raise DatabaseConfigError(f"{path}: the top level must be a mapping of sections")
+    return document, path.name
+
+
+def _parse_url(text: str, label: str, sslmode: str | None = None) -> URL:
+    # make_url's own ValueError can quote pieces of the password: never chain or repeat it.
+    try:
+        url = make_url(text)
+    except Exception:
+        raise DatabaseConfigError(
+            f"{label}: not a valid database URL; expected dialect[+driver]://user:password@host:port/name "
+            "with special characters in the password percent-encoded"
+        ) from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend in ("postgres", "postgresql"):
+        url = url.set(drivername=f"postgresql+{driver or 'psycopg2'}")
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise DatabaseConfigError(
+            f"{label}: unknown database type {url.drivername!r}; use sqlite:///PATH or postgresql://..."
+        ) from None
+    query_sslmode = url.query.get("sslmode")
+    if isinstance(query_sslmode, str) and query_sslmode not in SSL_MODES:
+        raise DatabaseConfigError(f"{label}: unknown sslmode {query_sslmode!r}; allowed: {', '.join(SSL_MODES)}")
+    if sslmode and url.get_backend_name() == "postgresql" and query_sslmode is None:
+        url = url.update_query_dict({"sslmode": sslmode})
+    return url
+
+
+def _normalise_type(value: Any) -> str:
+    text = str(value).strip().lower()
+    return "postgresql" if text == "postgres" else text
+
+
+def _url_has_password(url: Any, label: str) -> bool:
+    return bool(url) and _parse_url(str(url), label).password is not None
+
+
+def _convert(value: Any, source: str, kind: Callable[[Any], Any], what: str) -> Any:
+    if isinstance(value, bool):
+        raise DatabaseConfigError(f"{source}: must be {what}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise DatabaseConfigError(f"{source}: must be {what}, got {value!r}") from None
+
+
+def _to_int(value: Any, source: str) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise DatabaseConfigError(f"{source}: must be an integer, got {value!r}")
+    result: int = _convert(value, source, int, "an integer")
+    return result
+
+
+def _to_float(value: Any, source: str) -> float:
+    result: float = _convert(value, source, float, "a number of seconds")
+    return result
+
+
+def _to_bool(value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise DatabaseConfigError(f"{source}: must be true or false, got {value!r}")
+
+
+def _check_int(value: Any, low: int, label: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise DatabaseConfigError(f"{label}: must be an integer {what}, got {value!r}")

@@ -1,0 +1,222 @@
+"""The process-wide database connection: engine, session factory and transaction scope."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.pool import StaticPool
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from db.config import DatabaseConfig
+from db.errors import DatabaseUnavailableError
+from db.models import Base
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+APPLICATION_NAME = "coding-agent"
+
+
+def describe_driver_error(exc: BaseException) -> str:
+    """The first line of the driver's own message (libpq and sqlite3 never put passwords in theirs)."""
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def retry_policy(seconds: float, first_wait: float, max_wait: float, what: str) -> dict[str, Any]:
+    """Tenacity settings: exponential backoff that never sleeps past `seconds`, logged without SQL parameters."""
+    backoff = wait_exponential(multiplier=first_wait, max=max_wait)
+
+    def wait(state: RetryCallState) -> float:
+        return max(0.0, min(backoff(state), seconds - (state.seconds_since_start or 0.0)))
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning(
+            "%s: attempt %d failed (%s); retrying in %.2fs",
+            what,
+            state.attempt_number,
+            describe_driver_error(error) if error else "?",
+            state.upcoming_sleep,
+        )
+
+    return {"stop": stop_after_delay(seconds), "wait": wait, "before_sleep": before_sleep, "reraise": True}
+
+
+def build_engine(config: DatabaseConfig) -> Engine:
+    """Create the engine for `config`, with the pool and per-connection settings its backend needs."""
+    url = config.sqlalchemy_url
+    if config.backend != "sqlite":
+        connect_args: dict[str, Any] = {}
+        if url.get_driver_name() == "psycopg2":
+            connect_args = {"connect_timeout": config.connect_timeout, "application_name": APPLICATION_NAME}
+        # No pre-ping: a connection the server dropped is retried once by the repository instead, which
+        # costs nothing on the common path (design §9, contract: db.connection).
+        return create_engine(
+            url,
+            echo=config.echo,
+            pool_size=config.pool.size,
+            max_overflow=config.pool.max_overflow,
+            pool_timeout=config.pool.timeout,
+            pool_recycle=config.pool.recycle,
+            connect_args=connect_args,
+        )
+    if config.is_sqlite_memory:
+        # One shared connection, or every thread would see its own empty database.
+        engine = create_engine(url, echo=config.echo, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        Path(config.sqlalchemy_url.database or "").parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            echo=config.echo,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+    _configure_sqlite(engine, file_backed=not config.is_sqlite_memory)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, *, file_backed: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin (see on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        if file_backed:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock up front, waiting through busy_timeout; a deferred transaction that
+        # reads and then writes would instead fail at once with "database is locked" under contention.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class DatabaseConnection:
+    """Owns the engine and a thread-local session registry; one instance per process."""
+
+    _instance: ClassVar[DatabaseConnection | None] = None
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self.engine = build_engine(config)
+        self.session_factory = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
+
+    @classmethod
+    def initialize(cls, config: DatabaseConfig | None = None) -> DatabaseConnection:
+        """Create the process's connection (once), after checking that the database answers."""
+        with cls._lock:
+            if cls._instance is not None:
+                if config is not None and config != cls._instance.config:
+                    raise RuntimeError(
+                        "DatabaseConnection is already initialised with another configuration; call reset() first"
+                    )
+                return cls._instance
+            instance = cls(config if config is not None else DatabaseConfig.load())
+            try:
+                instance.wait_until_available()
+            except BaseException:
+                instance.dispose()
+                raise
+            cls._instance = instance
+            logger.debug("database connection initialised: %s", instance.config.safe_url)
+            return instance
+
+    @classmethod
+    def get_instance(cls) -> DatabaseConnection:
+        """The process's connection, initialised from `DatabaseConfig.load()` when there is none yet."""
+        instance = cls._instance
+        return instance if instance is not None else cls.initialize()
+
+    @classmethod
+    def is_initialized(cls) -> bool:
+        """True once `initialize` has succeeded and until `reset`."""
+        return cls._instance is not None
+
+    @classmethod
+    def reset(cls) -> None:
+        """Dispose of the engine, drop the sessions and forget the instance."""
+        with cls._lock:
+            if cls._instance is not None:
+                cls._instance.dispose()
+                cls._instance = None
+
+    @classmethod
+    def _after_fork_in_child(cls) -> None:
+        cls._lock = threading.Lock()
+        instance = cls._instance
+        if instance is not None and not instance.config.is_sqlite_memory:
+            # close=False: the sockets belong to the parent; closing them here would break its connections.
+            instance.engine.dispose(close=False)
+            instance.session_factory.registry.clear()
+
+    def wait_until_available(self) -> None:
+        """Retry a trivial query with exponential backoff until it works or `startup_timeout` runs out."""
+        started = time.monotonic()
+        seconds = self.config.startup_timeout if self.config.backend != "sqlite" else 0
+        retrying = Retrying(
+            retry=retry_if_exception_type(DBAPIError),
+            **retry_policy(seconds, 0.25, 5, f"connecting to {self.config.safe_url}"),
+        )
+        try:
+            for attempt in retrying:
+                with attempt, self.engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+        except DBAPIError as exc:
+            elapsed = time.monotonic() - started
+            raise DatabaseUnavailableError(
+                f"cannot reach the database at {self.config.safe_url} (gave up after {elapsed:.1f}s): "
+                f"{describe_driver_error(exc)}"
+            ) from None
+
+    @contextmanager
+    def session_scope(self) -> Iterator[Session]:
+        """Yield a Session in a transaction: commit on exit, roll back and re-raise on error, always close.
+
+        A scope opened inside another in the same thread joins the outer transaction, which alone commits.
+        """
+        session = self.session_factory()
+        if session.in_transaction():
+            yield session
+            return
+        try:
+            with session.begin():
+                yield session
+        finally:
+            self.session_factory.remove()
+
+    def create_tables(self) -> None:
+        """Create missing tables and indexes (development; production uses migrations)."""
+        Base.metadata.create_all(self.engine)
+
+    def health_check(self) -> bool:
+        """True when the database answers a trivial query; never raises."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as exc:
+            logger.debug("health check failed: %s", describe_driver_error(exc))
+            return False
+        return True
+
+    def dispose(self) -> None:
+        """Remove the thread's session and close every pooled connection."""
+        self.session_factory.remove()
+        self.engine.dispose()
+
+
+os.register_at_fork(after_in_child=DatabaseConnection._after_fork_in_child)

@@ -1,0 +1,196 @@
+"""TaskRepository: every read and write of the `tasks` table (design §2.4.1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import BigInteger, ColumnElement, Result, and_, case, cast, delete, func, literal, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.connection import DatabaseConnection
+from db.errors import TaskAlreadyExistsError
+from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus, utcnow
+from db.models.types import UTCDateTime, canonical_uuid
+from db.unit_of_work import run_in_transaction
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("uuid", "task_source", "owner", "repo", "task_type", "task_id")
+IMMUTABLE_FIELDS = frozenset({"uuid", "created_at", "updated_at"})
+MAX_PAGE = 1000
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(getattr(result, "rowcount", 0))
+
+
+def _column_names() -> frozenset[str]:
+    return frozenset(column.key for column in Task.__table__.columns)
+
+
+class TaskRepository:
+    """Reads and writes tasks; each method is one transaction and returns detached, fully loaded objects."""
+
+    def __init__(self, connection: DatabaseConnection | None = None) -> None:
+        self._connection = connection if connection is not None else DatabaseConnection.get_instance()
+        self._columns = _column_names()
+
+    def create(self, task_data: Mapping[str, Any]) -> Task:
+        """Insert a new task; `status` defaults to running. Raises TaskAlreadyExistsError for a known uuid."""
+        unknown = sorted(set(task_data) - (self._columns - {"updated_at"}))
+        if unknown:
+            raise ValueError(f"unknown task fields: {', '.join(unknown)}")
+        missing = [name for name in REQUIRED_FIELDS if task_data.get(name) is None]
+        if missing:
+            raise ValueError(f"missing required task fields: {', '.join(missing)}")
+        task = Task(**task_data)
+
+        def work(session: Session) -> Task:
+            session.add(task)
+            return task
+
+        try:
+            run_in_transaction(self._connection, work, "create task")
+        except IntegrityError:
+            if self.get_by_uuid(task.uuid) is not None:
+                raise TaskAlreadyExistsError(f"task {task.uuid} already exists") from None
+            raise
+        logger.debug("created task %s", task.uuid)
+        return task
+
+    def get_by_uuid(self, uuid: str) -> Task | None:
+        """The task with this uuid, or None."""
+        key = canonical_uuid(uuid)
+        task = run_in_transaction(self._connection, lambda session: session.get(Task, key), "get task")
+        if task is None:
+            logger.debug("task %s not found", key)
+        return task
+
+    def update(self, uuid: str, updates: Mapping[str, Any]) -> Task | None:
+        """Set the given columns; None when the task does not exist."""
+        key = canonical_uuid(uuid)
+        immutable = sorted(set(updates) & IMMUTABLE_FIELDS)
+        if immutable:
+            raise ValueError(f"task fields cannot be updated: {', '.join(immutable)}")
+        unknown = sorted(set(updates) - self._columns)
+        if unknown:
+            raise ValueError(f"unknown task fields: {', '.join(unknown)}")
+        values = Task.check_values(updates)
+
+        def work(session: Session) -> Task | None:
+            task = session.get(Task, key)
+            if task is not None:
+                for name, value in values.items():
+                    setattr(task, name, value)
+            return task
+
+        task = run_in_transaction(self._connection, work, "update task")
+        if task is None:
+            logger.warning("update: task %s does not exist", key)
+        else:
+            logger.debug("updated task %s: %s", key, ", ".join(sorted(values)))
+        return task
+
+    def update_status(self, uuid: str, status: str, error_message: str | None = None) -> bool:
+        """Set the status; a finished status also sets `completed_at` when it is unset."""
+        key = canonical_uuid(uuid)
+        new_status = TaskStatus.parse(status)
+        values: dict[str, Any] = {"status": new_status.value}
+        if error_message is not None:
+            values.update(Task.check_values({"error_message": error_message}))
+        if new_status in FINISHED_STATUSES:
+            now = literal(utcnow(), UTCDateTime())
+            values["completed_at"] = case((Task.completed_at.is_(None), now), else_=Task.completed_at)
+        return self._report(self._update_row(key, values, "update_status"), "update_status", key)
+
+    def update_statistics(
+        self, uuid: str, llm_calls: int = 0, tool_calls: int = 0, tokens: int = 0, compressions: int = 0
+    ) -> bool:
+        """Add to the counters in one atomic UPDATE, so concurrent callers lose nothing."""
+        key = canonical_uuid(uuid)
+        amounts = dict(zip(COUNTER_COLUMNS, (llm_calls, tool_calls, tokens, compressions), strict=True))
+        for name, amount in amounts.items():
+            if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= INT_MAX:
+                raise ValueError(f"{name} increment must be an integer in 0..{INT_MAX}, got {amount!r}")
+        values: dict[str, Any] = {}
+        guards: list[ColumnElement[bool]] = []
+        for name, amount in amounts.items():
+            if amount:
+                column = getattr(Task, name)
+                values[name] = column + amount
+                # BigInteger: the sum itself must not overflow INTEGER while it is being checked.
+                guards.append(cast(column, BigInteger) + amount <= INT_MAX)
+        found = self._update_row(key, values, "update_statistics", guard=and_(*guards) if guards else None)
+        if not found and guards and self.get_by_uuid(key) is not None:
+            raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
+        return self._report(found, "update_statistics", key)
+
+    def complete(self, uuid: str) -> bool:
+        """Mark the task completed, now."""
+        values = {"status": TaskStatus.COMPLETED.value, "completed_at": utcnow()}
+        key = canonical_uuid(uuid)
+        return self._report(self._update_row(key, values, "complete"), "complete", key)
+
+    def fail(self, uuid: str, error_message: str) -> bool:
+        """Mark the task failed, now, with its error message."""
+        values = Task.check_values({"error_message": error_message})
+        values.update(status=TaskStatus.FAILED.value, completed_at=utcnow())
+        key = canonical_uuid(uuid)
+        return self._report(self._update_row(key, values, "fail"), "fail", key)
+
+    def list_by_status(self, status: str, limit: int = 100, offset: int = 0) -> list[Task]:
+        """Tasks in this status, newest first."""
+        return self._list(Task.status == TaskStatus.parse(status).value, limit, offset)
+
+    def list_by_user(self, user: str, limit: int = 100, offset: int = 0) -> list[Task]:
+        """Tasks of this user, newest first."""
+        return self._list(Task.user == Task.check_values({"user": user})["user"], limit, offset)
+
+    def delete(self, uuid: str) -> bool:
+        """Delete the task; False when it did not exist."""
+        key = canonical_uuid(uuid)
+        statement = delete(Task).where(Task.uuid == key)
+        deleted = run_in_transaction(
+            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, "delete task"
+        )
+        return self._report(deleted, "delete", key)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Number of tasks in each status, every status listed."""
+        statement = select(Task.status, func.count()).group_by(Task.status)
+        rows = run_in_transaction(self._connection, lambda session: session.execute(statement).all(), "count tasks")
+        counts = dict.fromkeys((status.value for status in TaskStatus), 0)
+        counts.update({status: int(count) for status, count in rows})
+        return counts
+
+    def _update_row(
+        self, key: str, values: Mapping[str, Any], operation: str, guard: ColumnElement[bool] | None = None
+    ) -> bool:
+        # A Core UPDATE does not fire onupdate: updated_at is set here.
+        condition = Task.uuid == key if guard is None else and_(Task.uuid == key, guard)
+        statement = update(Task).where(condition).values({**values, "updated_at": utcnow()})
+
+        return run_in_transaction(
+            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation
+        )
+
+    @staticmethod
+    def _report(found: bool, operation: str, key: str) -> bool:
+        if found:
+            logger.debug("%s: task %s", operation, key)
+        else:
+            logger.warning("%s: task %s does not exist", operation, key)
+        return found
+
+    def _list(self, condition: ColumnElement[bool], limit: int, offset: int) -> list[Task]:
+        for name, value, low, high in (("limit", limit, 1, MAX_PAGE), ("offset", offset, 0, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                allowed = f"{low}..{high}" if high else f">= {low}"
+                raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+        statement = (
+            select(Task).where(condition).order_by(Task.created_at.desc(), Task.uuid.asc()).limit(limit).offset(offset)
+        )
+        return run_in_transaction(self._connection, lambda session: list(session.scalars(statement)), "list tasks")

@@ -1,0 +1,263 @@
+"""DatabaseConfig: precedence, layouts, URL building and validation. No database needed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from db import DatabaseConfig, DatabaseConfigError, PoolConfig
+from db.config import SETTINGS
+
+SECRET = "p@ss:w/rd%#?&= ü"
+
+
+def nested(**database: Any) -> dict[str, Any]:
+    return {"database": database}
+
+
+def test_defaults_without_config_or_environment() -> None:
+    config = DatabaseConfig.load({}, env={})
+    assert config.type == "sqlite"
+    assert config.backend == "sqlite"
+    assert Path(config.sqlite_path) == Path("contexts") / "tasks.db"
+    assert (config.host, config.port, config.name) == ("localhost", 5432, "coding_agent")
+    assert config.user is None and config.password is None and config.url is None
+    assert config.pool == PoolConfig(size=5, max_overflow=10, timeout=30, recycle=3600)
+    assert config.sources["port"] == "default"
+
+
+def test_canonical_yaml_layout() -> None:
+    config = DatabaseConfig.load(
+        nested(
+            type="postgresql",
+            postgresql={"host": "db", "port": 6543, "name": "agent", "user": "runner", "sslmode": "require"},
+            pool={"size": 2, "max_overflow": 0, "timeout": 5, "recycle": -1},
+        ),
+        env={},
+    )
+    assert config.sqlalchemy_url.drivername == "postgresql+psycopg2"
+    assert (config.host, config.port, config.name, config.user) == ("db", 6543, "agent", "runner")
+    assert config.sqlalchemy_url.query["sslmode"] == "require"
+    assert config.pool == PoolConfig(size=2, max_overflow=0, timeout=5, recycle=-1)
+    assert config.sources["port"] == "database.postgresql.port (config.yaml)"
+
+
+def test_flat_keys_are_accepted_and_nested_ones_win() -> None:
+    config = DatabaseConfig.load(
+        nested(type="postgresql", host="flat-host", port=1111, name="flat", postgresql={"host": "nested-host"}),
+        env={},
+    )
+    assert config.host == "nested-host"
+    assert config.port == 1111
+    assert config.name == "flat"
+
+
+SAMPLES = {
+    "type": ("postgresql", "sqlite"),
+    "host": ("env-host", "yaml-host"),
+    "port": ("7000", 7001),
+    "name": ("env_db", "yaml_db"),
+    "user": ("env_user", "yaml_user"),
+    "sslmode": ("verify-full", "disable"),
+    "sqlite_path": ("/tmp/env.db", "/tmp/yaml.db"),
+    "pool_size": ("7", 8),
+    "pool_max_overflow": ("3", 4),
+    "pool_timeout": ("9", 11),
+    "pool_recycle": ("120", 240),
+    "connect_timeout": ("4", 6),
+    "startup_timeout": ("1.5", 2.5),
+    "retry_timeout": ("3.5", 4.5),
+    "echo": ("true", False),
+}
+
+
+def _yaml_with(key: str, value: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    node = document
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return document
+
+
+def _field(config: DatabaseConfig, name: str) -> Any:
+    if name.startswith("pool_"):
+        return getattr(config.pool, name.removeprefix("pool_"))
+    return getattr(config, name)
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.field in SAMPLES], ids=lambda s: s.field)
+def test_environment_beats_yaml_beats_default(setting: Any) -> None:
+    env_value, yaml_value = SAMPLES[setting.field]
+    document = _yaml_with(setting.yaml_keys[0], yaml_value)
+    from_yaml = DatabaseConfig.load(document, env={})
+    from_env = DatabaseConfig.load(document, env={setting.env: env_value})
+    assert str(_field(from_yaml, setting.field)).lower() == str(yaml_value).lower()
+    assert str(_field(from_env, setting.field)).lower() == str(env_value).lower()
+    assert from_env.sources[setting.field] == f"{setting.env} (environment)"
+    assert from_yaml.sources[setting.field] == f"{setting.yaml_keys[0]} (config.yaml)"
+
+
+def test_empty_environment_variable_counts_as_unset() -> None:
+    config = DatabaseConfig.load(nested(postgresql={"port": 6000}), env={"DATABASE_PORT": "", "DATABASE_TYPE": ""})
+    assert config.port == 6000
+    assert config.type == "sqlite"
+
+
+def test_database_url_overrides_everything_and_names_psycopg2() -> None:
+    env = {"DATABASE_URL": "postgresql://u:pw@dbhost:5433/tasks", "DATABASE_HOST": "ignored", "DATABASE_TYPE": "sqlite"}
+    config = DatabaseConfig.load(nested(type="sqlite"), env=env)
+    url = config.sqlalchemy_url
+    assert config.type == "postgresql"
+    assert (url.drivername, url.host, url.port, url.database) == ("postgresql+psycopg2", "dbhost", 5433, "tasks")
+
+
+@pytest.mark.parametrize(
+    ("text", "driver"),
+    [
+        ("postgres://u@h/d", "postgresql+psycopg2"),
+        ("postgresql+psycopg2://u@h/d", "postgresql+psycopg2"),
+        ("sqlite:////tmp/x.db", "sqlite"),
+    ],
+)
+def test_url_schemes(text: str, driver: str) -> None:
+    assert DatabaseConfig(url=text).sqlalchemy_url.drivername == driver
+
+
+def test_sslmode_from_environment_reaches_a_url_without_one() -> None:
+    config = DatabaseConfig.load({}, env={"DATABASE_URL": "postgresql://u@h/d", "DATABASE_SSLMODE": "require"})
+    assert config.sqlalchemy_url.query["sslmode"] == "require"
+
+
+def test_sqlite_path_joins_base_dir_unless_absolute_or_memory(tmp_path: Path) -> None:
+    document = {"context_storage": {"base_dir": "state"}, "database": {"sqlite": {"path": "agent.db"}}}
+    assert Path(DatabaseConfig.load(document, env={}).sqlite_path) == Path("state") / "agent.db"
+    absolute = str(tmp_path / "abs.db")
+    assert DatabaseConfig.load(document, env={"DATABASE_SQLITE_PATH": absolute}).sqlite_path == absolute
+    memory = DatabaseConfig.load(document, env={"DATABASE_SQLITE_PATH": ":memory:"})
+    assert memory.is_sqlite_memory
+    assert memory.safe_url == "sqlite://"
+
+
+def test_password_with_url_metacharacters_round_trips_and_is_masked() -> None:
+    config = DatabaseConfig.load(
+        nested(type="postgresql"), env={"DATABASE_USER": "us@r:/", "DATABASE_PASSWORD": SECRET}
+    )
+    rendered = config.sqlalchemy_url.render_as_string(hide_password=False)
+    reparsed = make_url(rendered)
+    assert reparsed.password == SECRET
+    assert reparsed.username == "us@r:/"
+    assert SECRET not in config.safe_url and "***" in config.safe_url
+    assert SECRET not in repr(config)
+    assert "p@ss" not in repr(config)
+
+
+INVALID = [
+    ({"DATABASE_TYPE": "oracle"}, {}, "DATABASE_TYPE (environment)", "unknown database type"),
+    ({}, nested(type="mongo"), "database.type (config.yaml)", "unknown database type"),
+    ({"DATABASE_PORT": "abc"}, {}, "DATABASE_PORT (environment)", "integer"),
+    ({"DATABASE_PORT": "70000"}, {}, "DATABASE_PORT (environment)", "1..65535"),
+    ({}, nested(postgresql={"port": 0}), "database.postgresql.port (config.yaml)", "1..65535"),
+    ({}, nested(pool={"size": 0}), "database.pool.size (config.yaml)", ">= 1"),
+    ({}, nested(pool={"size": "five"}), "database.pool.size (config.yaml)", "integer"),
+    ({}, nested(pool={"size": 2.5}), "database.pool.size (config.yaml)", "integer"),
+    ({}, nested(pool={"max_overflow": -1}), "database.pool.max_overflow (config.yaml)", ">= 0"),
+    ({"DATABASE_POOL_TIMEOUT": "0"}, {}, "DATABASE_POOL_TIMEOUT (environment)", "> 0"),
+    ({}, nested(pool={"recycle": 0}), "database.pool.recycle (config.yaml)", "-1 (off)"),
+    ({"DATABASE_SSLMODE": "sometimes"}, {}, "DATABASE_SSLMODE (environment)", "verify-full"),
+    ({"DATABASE_URL": "not a url"}, {}, "DATABASE_URL (environment)", "not a valid database URL"),
+    ({"DATABASE_URL": "oracle2://u:pw@h/d"}, {}, "DATABASE_URL (environment)", "unknown database type"),
+    ({"DATABASE_URL": "postgresql://u@h/d?sslmode=bad"}, {}, "DATABASE_URL (environment)", "sslmode"),
+    ({"DATABASE_ECHO": "maybe"}, {}, "DATABASE_ECHO (environment)", "true or false"),
+    ({}, nested(postgresql={"host": {"a": 1}}), "database.postgresql.host (config.yaml)", "single value"),
+]
+
+
+@pytest.mark.parametrize(("env", "document", "source", "problem"), INVALID)
+def test_invalid_settings_name_the_setting_and_source(
+    env: dict[str, str], document: dict[str, Any], source: str, problem: str
+) -> None:
+    with pytest.raises(DatabaseConfigError) as caught:
+        DatabaseConfig.load(document, env=env)
+    assert isinstance(caught.value, ValueError)
+    assert str(caught.value).startswith(source)
+    assert problem in str(caught.value)
+
+
+def test_empty_database_name_is_unset_when_loaded_and_refused_when_given() -> None:
+    loaded = DatabaseConfig.load(nested(type="postgresql", postgresql={"name": ""}), env={"DATABASE_NAME": ""})
+    assert loaded.name == "coding_agent"
+    with pytest.raises(DatabaseConfigError, match="name must not be empty"):
+        DatabaseConfig(type="postgresql", name="")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://user:{SECRET}@host/db",
+        "postgresql://user:hunter2-secret@host:notaport/db",
+        "://user:hunter2-secret@host/db",
+    ],
+)
+def test_malformed_url_errors_never_quote_the_password(url: str) -> None:
+    with pytest.raises(DatabaseConfigError) as caught:
+        DatabaseConfig.load({}, env={"DATABASE_URL": url})
+    message = str(caught.value)
+    assert "DATABASE_URL" in message
+    for fragment in ("hunter2", "secret", "w/rd", "p@ss", "ü"):
+        assert fragment not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_password_in_yaml_works_but_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="db.config"):
+        config = DatabaseConfig.load(nested(type="postgresql", postgresql={"password": SECRET}), env={})
+    assert config.password == SECRET
+    assert "DATABASE_PASSWORD" in caplog.text
+    assert SECRET not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="db.config"):
+        DatabaseConfig.load(nested(type="postgresql"), env={"DATABASE_PASSWORD": SECRET})
+    assert caplog.text == ""
+
+
+def test_password_inside_yaml_url_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="db.config"):
+        DatabaseConfig.load(nested(url="postgresql://u:pw@h/d"), env={})
+    assert "database.url (config.yaml)" in caplog.text
+
+
+def test_load_reads_a_yaml_file_or_the_default_config_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("database:\n  type: postgresql\n  postgresql:\n    port: 6001\n", encoding="utf-8")
+    assert DatabaseConfig.load(path, env={}).port == 6001
+    assert DatabaseConfig.load(str(path), env={}).sources["port"] == "database.postgresql.port (agent.yaml)"
+    monkeypatch.chdir(tmp_path)
+    assert DatabaseConfig.load(env={}).type == "sqlite"
+    (tmp_path / "config.yaml").write_text("database:\n  type: postgresql\n", encoding="utf-8")
+    assert DatabaseConfig.load(env={}).type == "postgresql"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [("database: [unclosed", "not valid YAML"), ("- a\n- b\n", "top level must be a mapping")]
+)
+def test_unreadable_yaml_is_a_config_error(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DatabaseConfigError, match=problem):
+        DatabaseConfig.load(path, env={})
+    with pytest.raises(DatabaseConfigError, match="cannot read"):
+        DatabaseConfig.load(tmp_path / "missing.yaml", env={})
+
+
+def test_config_is_frozen_and_compares_by_value() -> None:
+    first = DatabaseConfig.load({}, env={"DATABASE_PORT": "5433"})
+    second = DatabaseConfig.load(nested(postgresql={"port": 5433}), env={})
+    assert first == second
+    with pytest.raises(AttributeError):
+        first.port = 1  # type: ignore[misc]

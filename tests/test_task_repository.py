@@ -1,0 +1,312 @@
+"""TaskRepository behaviour, run on in-memory SQLite, file SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, text
+
+from db import DatabaseConnection, Task, TaskAlreadyExistsError, TaskRepository, TaskStatus
+from db.models.task import INT_MAX
+from tests.conftest import count_rows, task_data
+from tests.workers import add_statistics_fresh, add_statistics_inherited
+
+MISSING = "00000000-0000-4000-8000-000000000000"
+
+
+def test_create_and_get(repo: TaskRepository) -> None:
+    data = task_data(user="alice", llm_provider="openai", model="gpt-4o", context_length=128000, process_id=4242)
+    created = repo.create(data)
+    fetched = repo.get_by_uuid(data["uuid"])
+    assert fetched is not None
+    assert fetched.to_dict() == created.to_dict()
+    assert (fetched.user, fetched.model, fetched.context_length) == ("alice", "gpt-4o", 128000)
+
+
+def test_get_missing_is_none(repo: TaskRepository) -> None:
+    assert repo.get_by_uuid(MISSING) is None
+
+
+def test_returned_tasks_are_detached_and_loaded(repo: TaskRepository, connection: DatabaseConnection) -> None:
+    task = repo.create(task_data())
+    fetched = repo.get_by_uuid(task.uuid)
+    listed = repo.list_by_status("running")
+    DatabaseConnection.reset()
+    for item in (task, fetched, listed[0]):
+        assert item is not None
+        assert inspect(item).detached
+        assert item.to_dict()["uuid"] == task.uuid
+
+
+def test_create_refuses_unknown_and_missing_fields(repo: TaskRepository, connection: DatabaseConnection) -> None:
+    with pytest.raises(ValueError, match="unknown task fields: colour, priority"):
+        repo.create(task_data(priority=1, colour="red"))
+    with pytest.raises(ValueError, match="missing required task fields: owner, task_id"):
+        repo.create({k: v for k, v in task_data().items() if k not in ("owner", "task_id")})
+    assert count_rows(connection) == 0
+
+
+def test_duplicate_uuid_leaves_the_database_unchanged(repo: TaskRepository, connection: DatabaseConnection) -> None:
+    original = repo.create(task_data(owner="first"))
+    with pytest.raises(TaskAlreadyExistsError, match=original.uuid) as caught:
+        repo.create(task_data(uuid=original.uuid, owner="second"))
+    assert isinstance(caught.value, ValueError)
+    stored = repo.get_by_uuid(original.uuid)
+    assert stored is not None and stored.to_dict() == original.to_dict()
+    assert count_rows(connection) == 1
+
+
+def test_update_sets_fields(repo: TaskRepository) -> None:
+    task = repo.create(task_data())
+    finished = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    updated = repo.update(task.uuid, {"status": "stopped", "completed_at": finished, "hostname": "h"})
+    assert updated is not None
+    assert (updated.status, updated.completed_at, updated.hostname) == ("stopped", finished, "h")
+    cleared = repo.update(task.uuid, {"completed_at": None, "status": TaskStatus.RUNNING})
+    assert cleared is not None and cleared.completed_at is None and cleared.status == "running"
+
+
+def test_update_refuses_immutable_and_unknown_keys(repo: TaskRepository) -> None:
+    task = repo.create(task_data())
+    for key in ("uuid", "created_at", "updated_at"):
+        with pytest.raises(ValueError, match=f"cannot be updated: {key}"):
+            repo.update(task.uuid, {key: task.to_dict()[key]})
+    with pytest.raises(ValueError, match="unknown task fields: nope"):
+        repo.update(task.uuid, {"nope": 1})
+    stored = repo.get_by_uuid(task.uuid)
+    assert stored is not None and stored.to_dict() == task.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("operation", "call"),
+    [
+        ("update", lambda repo: repo.update(MISSING, {"hostname": "x"})),
+        ("update_status", lambda repo: repo.update_status(MISSING, "completed")),
+        ("update_statistics", lambda repo: repo.update_statistics(MISSING, llm_calls=1)),
+        ("update_statistics", lambda repo: repo.update_statistics(MISSING)),
+        ("complete", lambda repo: repo.complete(MISSING)),
+        ("fail", lambda repo: repo.fail(MISSING, "boom")),
+        ("delete", lambda repo: repo.delete(MISSING)),
+    ],
+)
+def test_missing_task_returns_none_or_false_and_warns(
+    repo: TaskRepository, caplog: pytest.LogCaptureFixture, operation: str, call: Callable[[TaskRepository], Any]
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="db.repositories.task_repository"):
+        result = call(repo)
+    assert result is None or result is False
+    assert f"{operation}: task {MISSING} does not exist" in caplog.text
+
+
+def test_update_status_sets_completed_at_once(repo: TaskRepository) -> None:
+    task = repo.create(task_data())
+    assert repo.update_status(task.uuid, "running")
+    running = repo.get_by_uuid(task.uuid)
+    assert running is not None and running.completed_at is None
+    assert repo.update_status(task.uuid, "stopped", error_message="interrupted")
+    stopped = repo.get_by_uuid(task.uuid)
+    assert stopped is not None and stopped.completed_at is not None
+    assert (stopped.status, stopped.error_message) == ("stopped", "interrupted")
+    assert repo.update_status(task.uuid, TaskStatus.FAILED)
+    failed = repo.get_by_uuid(task.uuid)
+    assert failed is not None
+    assert failed.completed_at == stopped.completed_at
+    assert failed.error_message == "interrupted"
+
+
+def test_complete_and_fail_stamp_now(repo: TaskRepository) -> None:
+    first, second = repo.create(task_data()), repo.create(task_data())
+    before = datetime.now(UTC)
+    assert repo.complete(first.uuid)
+    assert repo.fail(second.uuid, "LLM timeout\nTraceback ...")
+    after = datetime.now(UTC)
+    done, failed = repo.get_by_uuid(first.uuid), repo.get_by_uuid(second.uuid)
+    assert done is not None and failed is not None
+    assert done.status == "completed" and failed.status == "failed"
+    assert failed.error_message == "LLM timeout\nTraceback ..."
+    for task in (done, failed):
+        assert task.completed_at is not None and before <= task.completed_at <= after
+
+
+def test_update_statistics_adds(repo: TaskRepository) -> None:
+    task = repo.create(task_data())
+    assert repo.update_statistics(task.uuid, llm_calls=1, tool_calls=2, tokens=300, compressions=0)
+    assert repo.update_statistics(task.uuid, llm_calls=2, tokens=50, compressions=1)
+    assert repo.update_statistics(task.uuid)
+    stored = repo.get_by_uuid(task.uuid)
+    assert stored is not None
+    assert (stored.llm_call_count, stored.tool_call_count, stored.total_tokens, stored.compression_count) == (
+        3,
+        2,
+        350,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    "amounts",
+    [{"llm_calls": -1}, {"tokens": 1.5}, {"tool_calls": "3"}, {"compressions": True}, {"tokens": INT_MAX + 1}],
+)
+def test_update_statistics_refuses_bad_amounts(repo: TaskRepository, amounts: dict[str, Any]) -> None:
+    task = repo.create(task_data())
+    with pytest.raises(ValueError, match="increment must be an integer"):
+        repo.update_statistics(task.uuid, **amounts)
+    stored = repo.get_by_uuid(task.uuid)
+    assert stored is not None and stored.to_dict() == task.to_dict()
+
+
+def test_counter_overflow_is_refused_and_nothing_written(repo: TaskRepository) -> None:
+    task = repo.create(task_data(total_tokens=INT_MAX - 10, llm_call_count=5))
+    assert repo.update_statistics(task.uuid, tokens=10)
+    before = repo.get_by_uuid(task.uuid)
+    with pytest.raises(ValueError, match="past 2147483647"):
+        repo.update_statistics(task.uuid, llm_calls=1, tokens=1)
+    after = repo.get_by_uuid(task.uuid)
+    assert before is not None and after is not None
+    assert after.to_dict() == before.to_dict()
+    assert (after.total_tokens, after.llm_call_count) == (INT_MAX, 5)
+
+
+def _make_listed(repo: TaskRepository) -> list[Task]:
+    base = datetime(2025, 3, 1, tzinfo=UTC)
+    tasks = []
+    for index in range(6):
+        created = base + timedelta(minutes=index // 2)  # pairs share a created_at: uuid breaks the tie
+        tasks.append(repo.create(task_data(created_at=created, user="bob" if index % 3 else "alice")))
+    return tasks
+
+
+def test_list_by_status_is_newest_first_then_uuid(repo: TaskRepository) -> None:
+    tasks = _make_listed(repo)
+    repo.complete(tasks[0].uuid)
+    expected = sorted(tasks[1:], key=lambda t: (-t.created_at.timestamp(), t.uuid))
+    assert [t.uuid for t in repo.list_by_status("running")] == [t.uuid for t in expected]
+    page = repo.list_by_status("running", limit=2, offset=1)
+    assert [t.uuid for t in page] == [t.uuid for t in expected[1:3]]
+    assert [t.uuid for t in repo.list_by_status("completed")] == [tasks[0].uuid]
+    assert repo.list_by_status("failed") == []
+
+
+def test_list_by_user(repo: TaskRepository) -> None:
+    tasks = _make_listed(repo)
+    expected = sorted((t for t in tasks if t.user == "alice"), key=lambda t: (-t.created_at.timestamp(), t.uuid))
+    assert [t.uuid for t in repo.list_by_user("alice")] == [t.uuid for t in expected]
+    assert repo.list_by_user("nobody") == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"offset": -1}, "offset"), ({"limit": "5"}, "limit")],
+)
+def test_list_bounds(repo: TaskRepository, kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        repo.list_by_status("running", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        repo.list_by_user("alice", **kwargs)
+
+
+def test_list_by_status_refuses_unknown_status(repo: TaskRepository) -> None:
+    with pytest.raises(ValueError, match="unknown task status"):
+        repo.list_by_status("done")
+
+
+def test_delete(repo: TaskRepository, connection: DatabaseConnection) -> None:
+    task = repo.create(task_data())
+    assert repo.delete(task.uuid)
+    assert repo.get_by_uuid(task.uuid) is None
+    assert not repo.delete(task.uuid)
+    assert count_rows(connection) == 0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda repo, key: repo.get_by_uuid(key),
+        lambda repo, key: repo.update(key, {}),
+        lambda repo, key: repo.update_status(key, "completed"),
+        lambda repo, key: repo.update_statistics(key, llm_calls=1),
+        lambda repo, key: repo.complete(key),
+        lambda repo, key: repo.fail(key, "x"),
+        lambda repo, key: repo.delete(key),
+    ],
+)
+@pytest.mark.parametrize("key", ["", "123", "g" * 32, "'; DROP TABLE tasks; --"])
+def test_every_method_refuses_a_non_uuid(
+    repo: TaskRepository, connection: DatabaseConnection, call: Callable[[TaskRepository, str], Any], key: str
+) -> None:
+    repo.create(task_data())
+    with pytest.raises(ValueError, match="not a valid UUID"):
+        call(repo, key)
+    assert count_rows(connection) == 1
+
+
+INVALID_CREATES = [
+    ({"status": "paused"}, "unknown task status"),
+    ({"owner": "o" * 256}, "owner is 256 characters long"),
+    ({"model": "m" * 101}, "model is 101 characters long"),
+    ({"started_at": datetime(2025, 1, 1)}, "timezone-aware"),  # noqa: DTZ001
+    ({"total_tokens": INT_MAX + 1}, "total_tokens must be in"),
+    ({"context_length": "big"}, "context_length must be an integer"),
+    ({"uuid": "xyz"}, "not a valid UUID"),
+    ({"task_source": None}, "missing required task fields: task_source"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), INVALID_CREATES)
+def test_invalid_input_is_refused_the_same_way_with_nothing_written(
+    repo: TaskRepository, connection: DatabaseConnection, overrides: dict[str, Any], message: str
+) -> None:
+    existing = repo.create(task_data())
+    with pytest.raises(ValueError, match=message):
+        repo.create(task_data(**overrides))
+    field, value = next(iter(overrides.items()))
+    if field not in ("uuid", "task_source"):
+        with pytest.raises(ValueError, match=message):
+            repo.update(existing.uuid, {field: value})
+    assert count_rows(connection) == 1
+    stored = repo.get_by_uuid(existing.uuid)
+    assert stored is not None and stored.to_dict() == existing.to_dict()
+
+
+def test_sql_metacharacters_are_data(repo: TaskRepository) -> None:
+    nasty = "o'brien\"; DROP TABLE tasks; --"
+    task = repo.create(task_data(user=nasty, error_message="\x01\n'\\"))
+    assert [t.uuid for t in repo.list_by_user(nasty)] == [task.uuid]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("backend", ["sqlite-file", "postgresql"])
+def test_many_processes_add_to_one_task_exactly(
+    repo: TaskRepository, connection: DatabaseConnection, method: str
+) -> None:
+    processes, rounds = 6, 40
+    task = repo.create(task_data())
+    with connection.engine.connect() as conn:  # the parent holds a pooled connection across the fork
+        conn.execute(text("SELECT 1"))
+    context = multiprocessing.get_context(method)
+    url = connection.config.sqlalchemy_url.render_as_string(hide_password=False)
+    workers = [
+        context.Process(target=add_statistics_inherited, args=(task.uuid, rounds))
+        if method == "fork"
+        else context.Process(target=add_statistics_fresh, args=(url, task.uuid, rounds))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    stored = repo.get_by_uuid(task.uuid)
+    total = processes * rounds
+    assert stored is not None
+    assert (stored.llm_call_count, stored.tool_call_count, stored.total_tokens, stored.compression_count) == (
+        total,
+        2 * total,
+        3 * total,
+        total,
+    )
