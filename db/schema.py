@@ -1,0 +1,136 @@
+"""Schema version: where a database stands against the migrations, and bringing it to head safely.
+
+Upgrades are serialised across processes (a file lock beside a SQLite file, a transaction-level advisory
+lock on PostgreSQL), so agents starting together do not race: the losers find the schema at head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from filelock import FileLock
+from sqlalchemy import Connection, func, inspect, select
+
+from db.connection import DatabaseConnection
+from db.errors import DatabaseError
+from db.sqlite_backup import backup_engine_database, backup_path_for
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Any fixed 64-bit number; it names the lock that serialises migrations on a PostgreSQL database.
+ADVISORY_LOCK_KEY = 0x7461736B73
+FILE_LOCK_TIMEOUT = 600
+LEGACY = "legacy"
+
+
+class SchemaNotCurrentError(DatabaseError):
+    """The database schema is not at the revision this code needs."""
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """`current` is a revision, None for an empty database, or LEGACY for a pre-SQLAlchemy tasks table."""
+
+    current: str | None
+    head: str
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.head
+
+    def describe(self) -> str:
+        if self.current is None:
+            return "empty"
+        if self.current == LEGACY:
+            return "legacy (pre-SQLAlchemy tasks table, no migration history)"
+        return self.current
+
+
+@dataclass(frozen=True)
+class UpgradeResult:
+    before: SchemaState
+    after: str
+    backup: Path | None
+
+    @property
+    def changed(self) -> bool:
+        return self.before.current != self.after
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise DatabaseError("no migrations found")
+    return head
+
+
+def _state(connection: Connection) -> SchemaState:
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current is None and inspect(connection).has_table("tasks"):
+        current = LEGACY
+    return SchemaState(current, head_revision())
+
+
+def schema_state(database: DatabaseConnection) -> SchemaState:
+    """Where the database stands now."""
+    with database.engine.connect() as connection:
+        return _state(connection)
+
+
+@contextmanager
+def _serialised(database: DatabaseConnection) -> Iterator[None]:
+    path = database.config.sqlalchemy_url.database
+    if database.config.backend == "sqlite" and not database.config.is_sqlite_memory and path:
+        with FileLock(f"{path}.migrate.lock", timeout=FILE_LOCK_TIMEOUT):
+            yield
+    else:
+        yield
+
+
+def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> UpgradeResult:
+    """Bring the schema to head; a SQLite file that is about to change is first copied aside."""
+    with _serialised(database):
+        before = schema_state(database)
+        if before.at_head:
+            return UpgradeResult(before, before.head, None)
+        copy = None
+        path = database.config.sqlalchemy_url.database
+        if backup and before.current is not None and database.config.backend == "sqlite" and path and not (
+            database.config.is_sqlite_memory
+        ):
+            copy = backup_engine_database(database.engine, backup_path_for(Path(path), f"before-{before.head}"))
+            logger.warning("copied %s to %s before upgrading its schema", path, copy)
+        with database.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
+            command.upgrade(alembic_config(connection), "head")
+        after = schema_state(database)
+    logger.info("schema upgraded from %s to %s", before.describe(), after.current)
+    return UpgradeResult(before, after.head, copy)
+
+
+def require_current_schema(database: DatabaseConnection) -> SchemaState:
+    """Raise SchemaNotCurrentError, naming the command that fixes it, unless the schema is at head."""
+    state = schema_state(database)
+    if not state.at_head:
+        raise SchemaNotCurrentError(
+            f"the database schema is {state.describe()}, this code needs {state.head}: "
+            "apply the migrations with `python main.py db upgrade`"
+        )
+    return state

@@ -1,0 +1,42 @@
+"""Start-up: configuration -> connection -> schema, the same for main.py and for library callers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from db.config import DatabaseConfig
+from db.connection import DatabaseConnection
+from db.errors import DatabaseConfigError
+from db.schema import SchemaState, require_current_schema, schema_state, upgrade_schema
+
+ENVIRONMENTS = ("development", "production")
+
+
+def app_environment(env: Mapping[str, str] | None = None) -> str:
+    """`APP_ENV`: development (default) or production."""
+    value = (os.environ if env is None else env).get("APP_ENV") or "development"
+    if value not in ENVIRONMENTS:
+        raise DatabaseConfigError(f"APP_ENV (environment): must be one of {', '.join(ENVIRONMENTS)}, got {value!r}")
+    return value
+
+
+def prepare_schema(connection: DatabaseConnection, environment: str) -> SchemaState:
+    """Development: create or migrate the schema to head. Production: refuse a schema that is not at head."""
+    if environment == "production":
+        return require_current_schema(connection)
+    upgrade_schema(connection)
+    return schema_state(connection)
+
+
+def start_database(
+    config: Mapping[str, Any] | str | None = None, env: Mapping[str, str] | None = None
+) -> DatabaseConnection:
+    """Load the settings, initialise the process's connection and prepare the schema for APP_ENV."""
+    environment = app_environment(env)
+    if DatabaseConnection.is_initialized():
+        return DatabaseConnection.get_instance()
+    connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env))
+    prepare_schema(connection, environment)
+    return connection
