@@ -1,38 +1,220 @@
-"""Start-up of the coding agent's task store: load the configuration, initialise the database, report."""
+"""Coding agent task store: start-up (database initialisation) and operations commands.
+
+Without a command: load config.yaml and the environment, initialise the database, bring the schema up to
+date (development) or insist that it is (APP_ENV=production), and print a short status.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from db import DatabaseConfig, DatabaseConnection, DatabaseError, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository
+from db.config import SETTINGS
+from db.connection import describe_driver_error
+from db.schema import SchemaState, schema_state, upgrade_schema
+from db.startup import app_environment, prepare_schema
 
-logger = logging.getLogger("main")
-
-
-def initialise_database(config: DatabaseConfig) -> DatabaseConnection:
-    """Connect (with the start-up retry) and, in development, create missing tables."""
-    connection = DatabaseConnection.initialize(config)
-    if os.environ.get("APP_ENV", "development") == "development":
-        connection.create_tables()
-    return connection
+EXIT_ERROR = 1
+EXIT_USAGE = 2
 
 
-def show_status(connection: DatabaseConnection) -> None:
+def _connect(args: argparse.Namespace, *, wait: bool = True) -> DatabaseConnection:
+    config = DatabaseConfig.load(args.config)
+    return DatabaseConnection.initialize(config if wait else replace(config, startup_timeout=0))
+
+
+def _start(args: argparse.Namespace) -> tuple[DatabaseConnection, SchemaState]:
+    environment = app_environment()
+    connection = _connect(args)
+    return connection, prepare_schema(connection, environment)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    connection, state = _start(args)
     counts = TaskRepository(connection).count_by_status()
+    print(f"environment: {app_environment()}")
+    print(f"backend:     {connection.config.backend}")
+    print(f"database:    {connection.config.safe_url}")
+    print(f"schema:      {state.describe()}")
+    print("tasks:       " + ", ".join(f"{status} {count}" for status, count in counts.items()))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = DatabaseConfig.load(args.config)
+    rows = []
+    for setting in SETTINGS:
+        name = setting.field
+        value = getattr(config.pool, name.removeprefix("pool_")) if name.startswith("pool_") else getattr(config, name)
+        if name == "password" and value:
+            value = "***"
+        elif name == "url" and value:
+            value = config.safe_url
+        rows.append((name, "-" if value is None else str(value), config.sources.get(name, "default")))
+    rows.append(("effective url", config.safe_url, "derived"))
+    _print_table(("setting", "value", "source"), rows)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    connection = _connect(args)
+    result = upgrade_schema(connection)
+    if result.backup is not None:
+        print(f"backup:  {result.backup}")
+    if result.changed:
+        print(f"schema upgraded: {result.before.describe()} -> {result.after}")
+    else:
+        print(f"schema already at head: {result.after}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    state = schema_state(_connect(args))
+    print(f"current: {state.describe()}")
+    print(f"head:    {state.head}")
+    return 0
+
+
+def cmd_db_check(args: argparse.Namespace) -> int:
+    connection = _connect(args, wait=False)
+    state = schema_state(connection)
     print(f"backend:  {connection.config.backend}")
     print(f"database: {connection.config.safe_url}")
-    print("tasks:    " + ", ".join(f"{status} {count}" for status, count in counts.items()))
+    print(f"schema:   {state.describe()} (head {state.head})")
+    print(f"settings: {_connection_settings(connection)}")
+    if not state.at_head:
+        print("error: the schema is not at head; apply migrations with `python main.py db upgrade`", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _connection_settings(connection: DatabaseConnection) -> str:
+    if connection.config.backend == "sqlite":
+        with connection.engine.connect() as conn:
+            journal = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+            busy = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        return f"journal_mode={journal} busy_timeout={busy}ms"
+    pool = connection.config.pool
+    return (
+        f"pool_size={pool.size} max_overflow={pool.max_overflow} pool_timeout={pool.timeout}s "
+        f"pool_recycle={pool.recycle}s"
+    )
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    connection, _ = _start(args)
+    tasks = TaskRepository(connection).list_tasks(status=args.status, user=args.user, limit=args.limit)
+    if args.json:
+        print(json.dumps([task.to_dict() for task in tasks], ensure_ascii=False, indent=2))
+        return 0
+    _print_table(
+        ("uuid", "status", "task", "user", "created_at", "llm", "tools", "tokens"),
+        [
+            (
+                task.uuid,
+                task.status,
+                _describe_task(task),
+                task.user or "-",
+                f"{task.created_at:%Y-%m-%d %H:%M:%S}",
+                str(task.llm_call_count),
+                str(task.tool_call_count),
+                str(task.total_tokens),
+            )
+            for task in tasks
+        ],
+    )
+    return 0
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> int:
+    connection, _ = _start(args)
+    task = TaskRepository(connection).get_by_uuid(args.uuid)
+    if task is None:
+        print(f"error: no task {args.uuid}", file=sys.stderr)
+        return EXIT_ERROR
+    data = task.to_dict()
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        width = max(len(key) for key in data)
+        for key, value in data.items():
+            print(f"{key:<{width}}  {'-' if value is None else value}")
+    return 0
+
+
+def _describe_task(task: Task) -> str:
+    if task.task_source == "gitlab":
+        separator = "!" if task.task_type == "merge_request" else "#"
+        return f"gitlab {task.repo}{separator}{task.task_id}"
+    return f"{task.task_source} {task.owner}/{task.repo}#{task.task_id}"
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
+    for row in (headers, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _positive_limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be in 1..1000")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=None, help="path to config.yaml (default: ./config.yaml if present)")
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", default=None, help="config.yaml to read (default: ./config.yaml if present)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.set_defaults(handler=cmd_status)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=lambda _args: _usage(sub))
+        return sub.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(
+        group_: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help_text: str,
+    ) -> argparse.ArgumentParser:
+        sub = group_.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    config = group("config", "inspect the configuration")
+    command(config, "show", cmd_config_show, "every effective database setting and where it came from")
+    database = group("db", "schema and database operations")
+    command(database, "upgrade", cmd_db_upgrade, "apply migrations up to head (a SQLite file is backed up first)")
+    command(database, "current", cmd_db_current, "print the schema revision and the head revision")
+    command(
+        database,
+        "check",
+        cmd_db_check,
+        "exit 0 only when the database answers and its schema is at head (for health checks)",
+    )
+    tasks = group("tasks", "read the tasks table")
+    listing = command(tasks, "list", cmd_tasks_list, "list tasks, newest first")
+    listing.add_argument("--status", help="running, completed, failed or stopped")
+    listing.add_argument("--user", help="only this user's tasks")
+    listing.add_argument("--limit", type=_positive_limit, default=50, help="at most this many (1..1000, default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = command(tasks, "show", cmd_tasks_show, "show one task")
+    show.add_argument("uuid")
+    show.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,15 +222,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        connection = initialise_database(DatabaseConfig.load(args.config))
-        show_status(connection)
-    except DatabaseError as exc:
+        return handler(args)
+    except (DatabaseError, ValueError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except Exception as exc:
+        # Driver errors met outside the repository (schema inspection, say): one line, no SQL parameters.
+        if args.verbose:
+            raise
+        print(f"error: {describe_driver_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         DatabaseConnection.reset()
-    return 0
 
 
 if __name__ == "__main__":

@@ -111,8 +111,12 @@ def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> Upgr
             return UpgradeResult(before, before.head, None)
         copy = None
         path = database.config.sqlalchemy_url.database
-        if backup and before.current is not None and database.config.backend == "sqlite" and path and not (
-            database.config.is_sqlite_memory
+        if (
+            backup
+            and before.current is not None
+            and database.config.backend == "sqlite"
+            and path
+            and not (database.config.is_sqlite_memory)
         ):
             copy = backup_engine_database(database.engine, backup_path_for(Path(path), f"before-{before.head}"))
             logger.warning("copied %s to %s before upgrading its schema", path, copy)

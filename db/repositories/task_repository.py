@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Result, and_, case, cast, delete, func, literal, select, update
+from sqlalchemy import BigInteger, ColumnElement, Result, and_, case, cast, delete, func, literal, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -143,11 +143,22 @@ class TaskRepository:
 
     def list_by_status(self, status: str, limit: int = 100, offset: int = 0) -> list[Task]:
         """Tasks in this status, newest first."""
-        return self._list(Task.status == TaskStatus.parse(status).value, limit, offset)
+        return self.list_tasks(status=status, limit=limit, offset=offset)
 
     def list_by_user(self, user: str, limit: int = 100, offset: int = 0) -> list[Task]:
         """Tasks of this user, newest first."""
-        return self._list(Task.user == Task.check_values({"user": user})["user"], limit, offset)
+        return self.list_tasks(user=user, limit=limit, offset=offset)
+
+    def list_tasks(
+        self, *, status: str | None = None, user: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Task]:
+        """Tasks matching every filter given, newest `created_at` first, ties by uuid."""
+        conditions: list[ColumnElement[bool]] = []
+        if status is not None:
+            conditions.append(Task.status == TaskStatus.parse(status).value)
+        if user is not None:
+            conditions.append(Task.user == Task.check_values({"user": user})["user"])
+        return self._list(and_(true(), *conditions), limit, offset)
 
     def delete(self, uuid: str) -> bool:
         """Delete the task; False when it did not exist."""

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from db.errors import DatabaseError
 from db.models.types import UTCDateTime, UUIDString, format_sqlite_datetime, parse_stored_datetime
 
 revision = "0001"
@@ -25,11 +26,18 @@ depends_on = None
 
 REQUIRED_LEGACY_COLUMNS = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
 OPTIONAL_LEGACY_COLUMNS = (
-    "started_at", "completed_at", "process_id", "hostname", "llm_provider", "model", "context_length",
-    "error_message", "user",
+    "started_at",
+    "completed_at",
+    "process_id",
+    "hostname",
+    "llm_provider",
+    "model",
+    "context_length",
+    "error_message",
+    "user",
 )
 COUNTERS = ("llm_call_count", "tool_call_count", "total_tokens", "compression_count")
-DATETIMES = ("created_at", "started_at", "completed_at")
+DATETIMES = ("created_at", "started_at", "completed_at", "updated_at")
 NORMALISE = "agent_utc_text"
 
 
@@ -76,16 +84,17 @@ def downgrade() -> None:
 
 def _adopt_legacy_table(bind: sa.Connection) -> None:
     if bind.dialect.name != "sqlite":
-        raise RuntimeError(
+        raise DatabaseError(
             "a tasks table without migration history exists on this database; only SQLite files written by the "
             "pre-SQLAlchemy code can be adopted in place (copy other data with `python main.py db migrate-data`)"
         )
     present = {column["name"] for column in sa.inspect(bind).get_columns("tasks")}
-    known = set(REQUIRED_LEGACY_COLUMNS) | set(OPTIONAL_LEGACY_COLUMNS) | set(COUNTERS)
+    # updated_at appears when the table was made by create_all() rather than by a migration.
+    known = set(REQUIRED_LEGACY_COLUMNS) | set(OPTIONAL_LEGACY_COLUMNS) | set(COUNTERS) | {"updated_at"}
     missing = [name for name in REQUIRED_LEGACY_COLUMNS if name not in present]
     unknown = sorted(present - known)
     if missing or unknown:
-        raise RuntimeError(
+        raise DatabaseError(
             f"the existing tasks table is not the pre-SQLAlchemy layout (missing: {missing or 'none'}, "
             f"unexpected: {unknown or 'none'}); it was left untouched"
         )
@@ -104,13 +113,13 @@ def _adopt_legacy_table(bind: sa.Connection) -> None:
 
     op.create_table("tasks_new", *_columns())
     targets = [*REQUIRED_LEGACY_COLUMNS, *OPTIONAL_LEGACY_COLUMNS, *COUNTERS]
-    updated = ", ".join(source(name) for name in ("completed_at", "started_at", "created_at"))
+    updated = ", ".join(source(name) for name in ("updated_at", "completed_at", "started_at", "created_at"))
     names = ", ".join(f'"{name}"' for name in targets)
     values = ", ".join(source(name) for name in targets)
     op.execute(f"INSERT INTO tasks_new ({names}, updated_at) SELECT {values}, COALESCE({updated}) FROM tasks")  # noqa: S608
     if failures:
         shown = "; ".join(failures[:5])
-        raise RuntimeError(f"{len(failures)} stored date-times could not be read ({shown}); nothing was changed")
+        raise DatabaseError(f"{len(failures)} stored date-times could not be read ({shown}); nothing was changed")
     op.drop_table("tasks")
     op.rename_table("tasks_new", "tasks")
 

@@ -1,0 +1,27 @@
+"""A task's context: JSONL message, summary and tool histories on disk, and its row in the tasks table."""
+
+from context_storage.message_store import MessageStore
+from context_storage.summary_store import SummaryStore
+from context_storage.task_context_manager import TaskContextManager
+from context_storage.task_key import (
+    GitHubIssueTaskKey,
+    GitHubPullRequestTaskKey,
+    GitLabIssueTaskKey,
+    GitLabMergeRequestTaskKey,
+    TaskKey,
+    task_key_from_dict,
+)
+from context_storage.tool_store import ToolStore
+
+__all__ = [
+    "GitHubIssueTaskKey",
+    "GitHubPullRequestTaskKey",
+    "GitLabIssueTaskKey",
+    "GitLabMergeRequestTaskKey",
+    "MessageStore",
+    "SummaryStore",
+    "TaskContextManager",
+    "TaskKey",
+    "ToolStore",
+    "task_key_from_dict",
+]

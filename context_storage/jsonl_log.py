@@ -1,0 +1,122 @@
+"""An append-only JSONL file whose records carry a sequence number starting at 1.
+
+Appending reads only the file's tail (to find the last number), so the 100,000th append costs what the first
+did. A line torn by a crash is skipped when reading and never glued to the next record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TAIL_CHUNK = 64 * 1024
+
+
+class JsonlLog:
+    """Records in `path`, one JSON object a line; `key` names the sequence field (`seq` or `id`)."""
+
+    def __init__(self, path: Path, key: str = "seq") -> None:
+        self.path = path
+        self.key = key
+        self._cached_size = -1
+        self._cached_last = 0
+
+    def append(self, record: dict[str, Any]) -> int:
+        """Write `record` with the next sequence number first in it; return that number."""
+        number = self.last_number() + 1
+        line = json.dumps({self.key: number, **record}, ensure_ascii=False) + "\n"
+        with self.path.open("ab") as handle:
+            if handle.tell() > 0 and not self._ends_with_newline():
+                handle.write(b"\n")
+            handle.write(line.encode("utf-8"))
+            handle.flush()
+            size = handle.tell()
+        self._cached_size, self._cached_last = size, number
+        return number
+
+    def last_number(self) -> int:
+        """The sequence number of the last complete record, 0 for an empty or missing file."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size != self._cached_size:
+            last = self.last_record()
+            self._cached_size = size
+            self._cached_last = int(last[self.key]) if last else 0
+        return self._cached_last
+
+    def last_record(self) -> dict[str, Any] | None:
+        """The last complete record, or None."""
+        for record in self.reversed_records():
+            return record
+        return None
+
+    def tail(self, count: int) -> list[dict[str, Any]]:
+        """The last `count` records, oldest first."""
+        records: list[dict[str, Any]] = []
+        if count <= 0:
+            return records
+        for record in self.reversed_records():
+            records.append(record)
+            if len(records) == count:
+                break
+        records.reverse()
+        return records
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every complete record, oldest first."""
+        if not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as handle:
+            for line in handle:
+                record = _parse(line.encode("utf-8"))
+                if record is not None:
+                    yield record
+
+    def reversed_records(self) -> Iterator[dict[str, Any]]:
+        """Complete records from the last to the first, reading the file backwards in chunks."""
+        for line in _reversed_lines(self.path):
+            record = _parse(line)
+            if record is not None:
+                yield record
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _reversed_lines(path: Path) -> Iterator[bytes]:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        position = handle.seek(0, os.SEEK_END)
+        pending = b""
+        while position > 0:
+            step = min(TAIL_CHUNK, position)
+            position -= step
+            handle.seek(position)
+            pending = handle.read(step) + pending
+            lines = pending.split(b"\n")
+            pending = lines[0]
+            for line in reversed(lines[1:]):
+                if line:
+                    yield line
+        if pending:
+            yield pending

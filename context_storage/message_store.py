@@ -1,0 +1,92 @@
+"""Conversation history of a task: every message (messages.jsonl) and the live context (current.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from context_storage.jsonl_log import JsonlLog
+
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """The rough token count the agent has always used: four characters a token."""
+    return len(text) // CHARS_PER_TOKEN
+
+
+class MessageStore:
+    """Appends messages to messages.jsonl (numbered, with timestamp and tokens) and to current.jsonl."""
+
+    def __init__(self, context_dir: Path, config: dict[str, Any]) -> None:
+        self.context_dir = Path(context_dir)
+        self.config = config
+        self.messages_file = self.context_dir / "messages.jsonl"
+        self.current_file = self.context_dir / "current.jsonl"
+        self._messages = JsonlLog(self.messages_file, key="seq")
+
+    def add_message(self, role: str, content: str, tool_name: str | None = None) -> int:
+        """Append a message to both files; return its sequence number."""
+        seq = self._append_history(role, content, estimate_tokens(content), tool_name)
+        current: dict[str, Any] = {"role": role, "content": content}
+        if tool_name is not None:
+            current["tool_name"] = tool_name
+        with self.current_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(current, ensure_ascii=False) + "\n")
+        return seq
+
+    def count_messages(self) -> int:
+        """Messages written so far (sequence numbers have no gaps)."""
+        return self._messages.last_number()
+
+    def get_current_token_count(self) -> int:
+        """Tokens of the messages now in the live context: the last N, N being the lines of current.jsonl."""
+        return sum(int(record.get("tokens", 0)) for record in self._messages.tail(self._current_lines()))
+
+    def get_current_context_file(self, unsummarized_file_path: Path | None = None) -> Path:
+        """current.jsonl, or current_combined.jsonl: current.jsonl followed by the given file's lines."""
+        if unsummarized_file_path is None:
+            return self.current_file
+        combined = self.context_dir / "current_combined.jsonl"
+        _write_atomically(combined, _read_lines(self.current_file) + _read_lines(Path(unsummarized_file_path)))
+        return combined
+
+    def recreate_current_context(self, summary_text: str, summary_tokens: int, unsummarized_file_path: Path) -> None:
+        """Replace current.jsonl by the summary (as an assistant message) and the unsummarised lines."""
+        summary = json.dumps({"role": "assistant", "content": summary_text}, ensure_ascii=False) + "\n"
+        _write_atomically(self.current_file, [summary, *_read_lines(Path(unsummarized_file_path))])
+        self._append_history("assistant", summary_text, summary_tokens, None)
+
+    def _append_history(self, role: str, content: str, tokens: int, tool_name: str | None) -> int:
+        record: dict[str, Any] = {
+            "role": role,
+            "content": content,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "tokens": tokens,
+        }
+        if tool_name is not None:
+            record["tool_name"] = tool_name
+        return self._messages.append(record)
+
+    def _current_lines(self) -> int:
+        return len(_read_lines(self.current_file))
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a JSONL file, each ending in a newline; [] for a missing file."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as handle:
+        return [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
+
+
+def _write_atomically(path: Path, lines: list[str]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,216 @@
+"""TaskContextManager: a task's files under <base_dir>/running|completed/<uuid>, and its row via TaskRepository."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from context_storage.message_store import MessageStore
+from context_storage.summary_store import SummaryStore
+from context_storage.task_key import TaskKey
+from context_storage.tool_store import ToolStore
+from db import DatabaseError, TaskAlreadyExistsError, TaskRepository
+from db.startup import start_database
+
+logger = logging.getLogger(__name__)
+
+STATISTICS = ("llm_calls", "tool_calls", "tokens", "compressions")
+
+
+class TaskContextManager:
+    """Owns one task's context directory and keeps its database row in step.
+
+    The database is never allowed to stop the task's file work: a failed write is logged, and statistics
+    that could not be written are kept and added at the next successful write, finalisation included.
+    """
+
+    def __init__(
+        self,
+        task_key: TaskKey,
+        task_uuid: str,
+        config: dict[str, Any],
+        user: str | None = None,
+        is_resumed: bool = False,
+        repository: TaskRepository | None = None,
+    ) -> None:
+        self.task_key = task_key
+        self.uuid = task_uuid
+        self.config = config
+        self.user = user
+        self.is_resumed = is_resumed
+        self.base_dir = Path((config.get("context_storage") or {}).get("base_dir", "contexts"))
+        self.running_dir = self.base_dir / "running"
+        self.completed_dir = self.base_dir / "completed"
+        self.context_dir = self.running_dir / task_uuid
+        self.running_dir.mkdir(parents=True, exist_ok=True)
+        self.completed_dir.mkdir(parents=True, exist_ok=True)
+        finished_dir = self.completed_dir / task_uuid
+        if is_resumed and not self.context_dir.exists() and finished_dir.exists():
+            shutil.move(finished_dir, self.context_dir)
+        self.context_dir.mkdir(parents=True, exist_ok=True)
+        self._open_stores()
+        self._repository = repository
+        self._pending = dict.fromkeys(STATISTICS, 0)
+        self._registered = False
+        self._write_metadata()
+        self._register_or_update_task()
+
+    def get_message_store(self) -> MessageStore:
+        return self.message_store
+
+    def get_summary_store(self) -> SummaryStore:
+        return self.summary_store
+
+    def get_tool_store(self) -> ToolStore:
+        return self.tool_store
+
+    def update_status(self, status: str, error_message: str | None = None) -> None:
+        """Record a status change (and any statistics still pending)."""
+        self._write("update_status", lambda repo: repo.update_status(self.uuid, status, error_message))
+
+    def update_statistics(
+        self, llm_calls: int = 0, tool_calls: int = 0, tokens: int = 0, compressions: int = 0
+    ) -> None:
+        """Add to the task's counters; kept in memory until the database takes them."""
+        amounts = dict(zip(STATISTICS, (llm_calls, tool_calls, tokens, compressions), strict=True))
+        for name, amount in amounts.items():
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {amount!r}")
+        for name, amount in amounts.items():
+            self._pending[name] += amount
+        self._write("update_statistics", None)
+
+    @property
+    def pending_statistics(self) -> dict[str, int]:
+        """Increments not yet written to the database."""
+        return dict(self._pending)
+
+    def complete(self) -> None:
+        """Mark the task completed and move its directory to completed/."""
+        self._write("complete", lambda repo: repo.complete(self.uuid))
+        self._finish("completed")
+
+    def stop(self) -> None:
+        """Mark the task stopped by the user and move its directory to completed/."""
+        self._write("stop", lambda repo: repo.update_status(self.uuid, "stopped"))
+        self._finish("stopped")
+
+    def fail(self, error_message: str) -> None:
+        """Mark the task failed with its error and move its directory to completed/."""
+        self._write("fail", lambda repo: repo.fail(self.uuid, error_message))
+        self._finish("failed", error_message)
+
+    def _open_stores(self) -> None:
+        self.message_store = MessageStore(self.context_dir, self.config)
+        self.summary_store = SummaryStore(self.context_dir)
+        self.tool_store = ToolStore(self.context_dir)
+
+    def _llm_settings(self) -> dict[str, Any]:
+        llm = self.config.get("llm") or {}
+        provider = llm.get("provider")
+        provider_config = (llm.get(provider) or {}) if provider else {}
+        return {
+            "llm_provider": provider,
+            "model": provider_config.get("model"),
+            "context_length": provider_config.get("context_length"),
+        }
+
+    def _write_metadata(self, **changes: Any) -> None:
+        path = self.context_dir / "metadata.json"
+        metadata: dict[str, Any] = {}
+        if path.exists():
+            metadata = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            metadata = {
+                "uuid": self.uuid,
+                "task_key": self.task_key.to_dict(),
+                "created_at": datetime.now(UTC).isoformat(),
+                "user": self.user,
+                "config": self._llm_settings(),
+            }
+        metadata.update(process_id=os.getpid(), hostname=socket.gethostname(), **changes)
+        temporary = path.with_name("metadata.json.tmp")
+        temporary.write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
+        os.replace(temporary, path)
+
+    def _register_or_update_task(self) -> None:
+        now = datetime.now(UTC)
+        resumed = {
+            "status": "running",
+            "started_at": now,
+            "completed_at": None,
+            "process_id": os.getpid(),
+            "hostname": socket.gethostname(),
+        }
+        new = {
+            "uuid": self.uuid,
+            **self.task_key.task_fields(),
+            **resumed,
+            "created_at": now,
+            "user": self.user,
+            **self._llm_settings(),
+        }
+        del new["completed_at"]
+
+        def register(repo: TaskRepository) -> None:
+            if self.is_resumed and repo.update(self.uuid, resumed) is not None:
+                return
+            try:
+                repo.create(new)
+            except TaskAlreadyExistsError:
+                repo.update(self.uuid, resumed)
+
+        repository = self._repository_or_none()
+        if repository is not None and self._attempt("register", lambda: register(repository)):
+            self._registered = True
+
+    def _write(self, operation: str, action: Callable[[TaskRepository], object] | None) -> None:
+        """Register if that is still pending, write pending statistics, then do `action`."""
+        if not self._registered:
+            self._register_or_update_task()
+        repository = self._repository_or_none() if self._registered else None
+        if repository is None:
+            logger.error("%s of task %s not written: the database is unavailable", operation, self.uuid)
+            return
+        if any(self._pending.values()):
+            amounts = dict(self._pending)
+            if self._attempt("update_statistics", lambda: repository.update_statistics(self.uuid, **amounts)):
+                for name, amount in amounts.items():
+                    self._pending[name] -= amount
+        if action is not None:
+            self._attempt(operation, lambda: action(repository))
+
+    def _attempt(self, operation: str, call: Callable[[], object]) -> bool:
+        """False when the database failed or the row was missing (the repository said False)."""
+        try:
+            return call() is not False
+        except DatabaseError as exc:
+            logger.error("%s of task %s failed, the task goes on: %s", operation, self.uuid, exc)
+            return False
+
+    def _repository_or_none(self) -> TaskRepository | None:
+        if self._repository is None:
+            try:
+                self._repository = TaskRepository(start_database(self.config))
+            except DatabaseError as exc:
+                logger.error("database unavailable for task %s, the task goes on: %s", self.uuid, exc)
+                return None
+        return self._repository
+
+    def _finish(self, status: str, error_message: str | None = None) -> None:
+        self._write_metadata(status=status, completed_at=datetime.now(UTC).isoformat(), error_message=error_message)
+        target = self.completed_dir / self.uuid
+        if target.exists():
+            target = self.completed_dir / f"{self.uuid}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+            logger.warning("completed/%s exists; moving task %s to %s", self.uuid, self.uuid, target)
+        if self.context_dir.exists():
+            shutil.move(self.context_dir, target)
+        self.context_dir = target
+        self._open_stores()

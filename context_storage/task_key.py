@@ -1,0 +1,131 @@
+"""Keys that name the issue or merge request a task works on, and their mapping to task rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class _TaskKey:
+    TYPE: ClassVar[str]
+    SOURCE: ClassVar[str]
+    KIND: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def task_fields(self) -> dict[str, str]:
+        """The columns that identify the task in the tasks table."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _GitHubKey(_TaskKey):
+    owner: str
+    repo: str
+    number: int
+    SOURCE: ClassVar[str] = "github"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "owner": self.owner, "repo": self.repo, "number": self.number}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _GitHubKey:
+        _expect_type(cls.TYPE, data)
+        return cls(owner=data["owner"], repo=data["repo"], number=int(data["number"]))
+
+    def task_fields(self) -> dict[str, str]:
+        return {
+            "task_source": self.SOURCE,
+            "owner": self.owner,
+            "repo": self.repo,
+            "task_type": self.KIND,
+            "task_id": str(self.number),
+        }
+
+
+@dataclass(frozen=True)
+class GitHubIssueTaskKey(_GitHubKey):
+    """A GitHub issue: owner/repo#number."""
+
+    TYPE: ClassVar[str] = "github_issue"
+    KIND: ClassVar[str] = "issue"
+
+
+@dataclass(frozen=True)
+class GitHubPullRequestTaskKey(_GitHubKey):
+    """A GitHub pull request: owner/repo#number."""
+
+    TYPE: ClassVar[str] = "github_pull_request"
+    KIND: ClassVar[str] = "pull_request"
+
+
+@dataclass(frozen=True)
+class GitLabIssueTaskKey(_TaskKey):
+    """A GitLab issue: project_id#issue_iid."""
+
+    project_id: int | str
+    issue_iid: int
+    TYPE: ClassVar[str] = "gitlab_issue"
+    SOURCE: ClassVar[str] = "gitlab"
+    KIND: ClassVar[str] = "issue"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "project_id": self.project_id, "issue_iid": self.issue_iid}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GitLabIssueTaskKey:
+        _expect_type(cls.TYPE, data)
+        return cls(project_id=data["project_id"], issue_iid=int(data["issue_iid"]))
+
+    def task_fields(self) -> dict[str, str]:
+        return _gitlab_fields(self.KIND, self.project_id, self.issue_iid)
+
+
+@dataclass(frozen=True)
+class GitLabMergeRequestTaskKey(_TaskKey):
+    """A GitLab merge request: project_id!mr_iid."""
+
+    project_id: int | str
+    mr_iid: int
+    TYPE: ClassVar[str] = "gitlab_merge_request"
+    SOURCE: ClassVar[str] = "gitlab"
+    KIND: ClassVar[str] = "merge_request"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "project_id": self.project_id, "mr_iid": self.mr_iid}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GitLabMergeRequestTaskKey:
+        _expect_type(cls.TYPE, data)
+        return cls(project_id=data["project_id"], mr_iid=int(data["mr_iid"]))
+
+    def task_fields(self) -> dict[str, str]:
+        return _gitlab_fields(self.KIND, self.project_id, self.mr_iid)
+
+
+TaskKey = GitHubIssueTaskKey | GitHubPullRequestTaskKey | GitLabIssueTaskKey | GitLabMergeRequestTaskKey
+_KEY_TYPES: dict[str, Any] = {
+    key.TYPE: key
+    for key in (GitHubIssueTaskKey, GitHubPullRequestTaskKey, GitLabIssueTaskKey, GitLabMergeRequestTaskKey)
+}
+
+
+def task_key_from_dict(data: dict[str, Any]) -> TaskKey:
+    """The key that `data` (a `to_dict()` result) describes."""
+    key_type = data.get("type")
+    if key_type not in _KEY_TYPES:
+        raise ValueError(f"unknown task key type {key_type!r}; allowed: {', '.join(_KEY_TYPES)}")
+    key: TaskKey = _KEY_TYPES[key_type].from_dict(data)
+    return key
+
+
+def _expect_type(expected: str, data: dict[str, Any]) -> None:
+    if data.get("type") != expected:
+        raise ValueError(f"expected a task key of type {expected!r}, got {data.get('type')!r}")
+
+
+def _gitlab_fields(kind: str, project_id: int | str, iid: int) -> dict[str, str]:
+    # GitLab has no owner: the project id takes the repo column, as before the migration.
+    return {"task_source": "gitlab", "owner": "", "repo": str(project_id), "task_type": kind, "task_id": str(iid)}
