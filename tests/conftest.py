@@ -76,6 +76,17 @@ def connection(db_config: DatabaseConfig) -> Iterator[DatabaseConnection]:
 
 
 @pytest.fixture
+def blank_connection(db_config: DatabaseConfig) -> Iterator[DatabaseConnection]:
+    """An initialised connection on a database with no tables at all (no migration history either)."""
+    conn = DatabaseConnection.initialize(db_config)
+    with conn.engine.begin() as raw:
+        raw.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    Base.metadata.drop_all(conn.engine)
+    yield conn
+    DatabaseConnection.reset()
+
+
+@pytest.fixture
 def repo(connection: DatabaseConnection) -> TaskRepository:
     return TaskRepository(connection)
 

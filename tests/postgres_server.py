@@ -169,6 +169,14 @@ class ThrowawayCluster:
         """Restart the server; `immediate` is a crash as far as clients can tell."""
         self._pg_ctl("restart", "-m", mode)
 
+    def shutdown(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data, for `resume`."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", mode, "-w")
+
+    def resume(self) -> None:
+        """Start the server again on the same port."""
+        self._pg_ctl("start")
+
     @property
     def url(self) -> URL:
         return URL.create(
