@@ -60,7 +60,10 @@ class TaskContextManager:
         self._pending = dict.fromkeys(STATISTICS, 0)
         self._registered = False
         self._write_metadata()
+        self._take_unsaved_statistics()
         self._register_or_update_task()
+        if any(self._pending.values()):
+            self._write("update_statistics", None)
 
     def get_message_store(self) -> MessageStore:
         return self.message_store
@@ -94,18 +97,15 @@ class TaskContextManager:
 
     def complete(self) -> None:
         """Mark the task completed and move its directory to completed/."""
-        self._write("complete", lambda repo: repo.complete(self.uuid))
-        self._finish("completed")
+        self._finish("completed", None, lambda repo: repo.complete(self.uuid))
 
     def stop(self) -> None:
         """Mark the task stopped by the user and move its directory to completed/."""
-        self._write("stop", lambda repo: repo.update_status(self.uuid, "stopped"))
-        self._finish("stopped")
+        self._finish("stopped", None, lambda repo: repo.update_status(self.uuid, "stopped"))
 
     def fail(self, error_message: str) -> None:
         """Mark the task failed with its error and move its directory to completed/."""
-        self._write("fail", lambda repo: repo.fail(self.uuid, error_message))
-        self._finish("failed", error_message)
+        self._finish("failed", error_message, lambda repo: repo.fail(self.uuid, error_message))
 
     def _open_stores(self) -> None:
         self.message_store = MessageStore(self.context_dir, self.config)
@@ -122,10 +122,12 @@ class TaskContextManager:
             "context_length": provider_config.get("context_length"),
         }
 
-    def _write_metadata(self, **changes: Any) -> None:
+    def _write_metadata(self, replace: dict[str, Any] | None = None, **changes: Any) -> None:
         path = self.context_dir / "metadata.json"
         metadata: dict[str, Any] = {}
-        if path.exists():
+        if replace is not None:
+            metadata = replace
+        elif path.exists():
             metadata = json.loads(path.read_text(encoding="utf-8"))
         else:
             metadata = {
@@ -171,21 +173,32 @@ class TaskContextManager:
         if repository is not None and self._attempt("register", lambda: register(repository)):
             self._registered = True
 
-    def _write(self, operation: str, action: Callable[[TaskRepository], object] | None) -> None:
-        """Register if that is still pending, write pending statistics, then do `action`."""
+    def _write(self, operation: str, action: Callable[[TaskRepository], object] | None) -> bool:
+        """Register if that is still pending, write pending statistics, then do `action`; True if all landed."""
         if not self._registered:
             self._register_or_update_task()
         repository = self._repository_or_none() if self._registered else None
         if repository is None:
             logger.error("%s of task %s not written: the database is unavailable", operation, self.uuid)
-            return
+            return False
         if any(self._pending.values()):
             amounts = dict(self._pending)
-            if self._attempt("update_statistics", lambda: repository.update_statistics(self.uuid, **amounts)):
-                for name, amount in amounts.items():
-                    self._pending[name] -= amount
-        if action is not None:
-            self._attempt(operation, lambda: action(repository))
+            if not self._attempt("update_statistics", lambda: repository.update_statistics(self.uuid, **amounts)):
+                return False
+            for name, amount in amounts.items():
+                self._pending[name] -= amount
+        return action is None or self._attempt(operation, lambda: action(repository))
+
+    def _take_unsaved_statistics(self) -> None:
+        """Pick up increments an earlier run of this task could not write before it ended."""
+        path = self.context_dir / "metadata.json"
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+        unsaved = metadata.pop("unsaved", None)
+        if unsaved:
+            for name, amount in (unsaved.get("statistics") or {}).items():
+                if name in self._pending:
+                    self._pending[name] += int(amount)
+            self._write_metadata(replace=metadata)
 
     def _attempt(self, operation: str, call: Callable[[], object]) -> bool:
         """False when the database failed or the row was missing (the repository said False)."""
@@ -204,8 +217,15 @@ class TaskContextManager:
                 return None
         return self._repository
 
-    def _finish(self, status: str, error_message: str | None = None) -> None:
-        self._write_metadata(status=status, completed_at=datetime.now(UTC).isoformat(), error_message=error_message)
+    def _finish(self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]) -> None:
+        self._write(status, action)
+        changes: dict[str, Any] = {"status": status, "completed_at": datetime.now(UTC).isoformat()}
+        if error_message is not None:
+            changes["error_message"] = error_message
+        if any(self._pending.values()):
+            # Kept on disk so that resuming the task writes them; the process may end right after this.
+            changes["unsaved"] = {"statistics": dict(self._pending)}
+        self._write_metadata(**changes)
         target = self.completed_dir / self.uuid
         if target.exists():
             target = self.completed_dir / f"{self.uuid}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
