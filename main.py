@@ -11,11 +11,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
+from datetime import UTC, datetime, timedelta
 
-from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository, TaskStatus, TaskUsageQuery
 from db.config import SETTINGS
 from db.connection import describe_driver_error
+from db.repositories.task_repository import PREVIOUS_STATUSES
+from db.repositories.task_usage import MAX_DAYS
 from db.schema import SchemaState, schema_state, upgrade_schema
 from db.startup import app_environment, prepare_schema
 
@@ -147,6 +150,94 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks_usage(args: argparse.Namespace) -> int:
+    connection, _ = _start(args)
+    query = TaskUsageQuery(connection)
+    usages = query.per_user(zone=args.tz, user=args.user)
+    daily = query.daily(days=args.days, zone=args.tz, user=args.user) if args.user is not None else []
+    if args.json:
+        document: dict[str, object] = {"time_zone": args.tz, "users": [asdict(usage) for usage in usages]}
+        if args.user is not None:
+            document["daily"] = [{"day": entry.day.isoformat(), "tokens": entry.tokens} for entry in daily]
+        print(json.dumps(document, ensure_ascii=False, indent=2))
+        return 0
+    print(f"tokens by user ({args.tz}; weeks start on Monday)")
+    _print_table(
+        ("user", "today", "week", "month", "total"),
+        [
+            (usage.user or "-", *(f"{value:,}" for value in (usage.today, usage.week, usage.month, usage.total)))
+            for usage in usages
+        ],
+    )
+    if daily:
+        print(f"\n{args.user}: tokens per day, last {args.days} days")
+        _print_bars([(f"{entry.day:%Y-%m-%d %a}", entry.tokens) for entry in daily])
+    return 0
+
+
+def cmd_tasks_history(args: argparse.Namespace) -> int:
+    connection, _ = _start(args)
+    fields = parse_task_reference(args.reference)
+    since = datetime.now(UTC) - timedelta(days=args.days) if args.days is not None else None
+    statuses = [status.value for status in TaskStatus] if args.all else list(PREVIOUS_STATUSES)
+    runs = TaskRepository(connection).find_previous(
+        task_source=fields["task_source"],
+        owner=fields["owner"],
+        repo=fields["repo"],
+        task_type=fields["task_type"],
+        task_id=fields["task_id"],
+        statuses=statuses,
+        since=since,
+        limit=args.limit,
+    )
+    if args.json:
+        print(json.dumps([task.to_dict() for task in runs], ensure_ascii=False, indent=2))
+        return 0
+    _print_table(
+        ("uuid", "status", "task", "user", "completed_at", "tokens"),
+        [
+            (
+                task.uuid,
+                task.status,
+                _describe_task(task),
+                task.user or "-",
+                f"{task.completed_at:%Y-%m-%d %H:%M:%S}" if task.completed_at else "-",
+                f"{task.total_tokens:,}",
+            )
+            for task in runs
+        ],
+    )
+    return 0
+
+
+def parse_task_reference(reference: str) -> dict[str, str | None]:
+    """`OWNER/REPO#N` (GitHub issue or pull request), `PROJECT!IID` (GitLab merge request) or
+    `gitlab:PROJECT#IID` (GitLab issue) as task fields."""
+    text = reference.strip()
+    gitlab = text.startswith("gitlab:")
+    text = text.removeprefix("gitlab:").removeprefix("github:")
+    for separator, kind in (("!", "merge_request"), ("#", "issue")):
+        project, found, number = text.rpartition(separator)
+        if found and project and number.isdigit():
+            if separator == "!" or gitlab:
+                return {"task_source": "gitlab", "owner": "", "repo": project, "task_type": kind, "task_id": number}
+            owner, slash, repo = project.partition("/")
+            if slash and owner and repo and "/" not in repo:
+                return {"task_source": "github", "owner": owner, "repo": repo, "task_type": None, "task_id": number}
+    raise ValueError(
+        f"cannot read {reference!r} as a task: use OWNER/REPO#NUMBER (GitHub), PROJECT!IID (GitLab merge request) "
+        "or gitlab:PROJECT#IID (GitLab issue)"
+    )
+
+
+def _print_bars(rows: Sequence[tuple[str, int]], width: int = 40) -> None:
+    largest = max((value for _, value in rows), default=0)
+    for label, value in rows:
+        eighths = round(value / largest * width * 8) if largest else 0
+        bar = "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+        print(f"{label}  {bar:<{width}}  {value:,}")
+
+
 def _describe_task(task: Task) -> str:
     if task.task_source == "gitlab":
         separator = "!" if task.task_type == "merge_request" else "#"
@@ -158,6 +249,13 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
     for row in (headers, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _days(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_DAYS}")
+    return value
 
 
 def _positive_limit(text: str) -> int:
@@ -209,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     show = command(tasks, "show", cmd_tasks_show, "show one task")
     show.add_argument("uuid")
     show.add_argument("--json", action="store_true", help="print JSON")
+    usage = command(tasks, "usage", cmd_tasks_usage, "tokens per user: today, this week, this month, all time")
+    usage.add_argument("--user", help="only this user, with a per-day chart")
+    usage.add_argument("--days", type=_days, default=14, help="days in the per-day chart (default 14)")
+    usage.add_argument("--tz", default="UTC", help="time zone of the calendar days, e.g. Asia/Tokyo (default UTC)")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    history = command(tasks, "history", cmd_tasks_history, "earlier runs of an issue or merge request")
+    history.add_argument("reference", help="OWNER/REPO#NUMBER, PROJECT!IID or gitlab:PROJECT#IID")
+    history.add_argument("--days", type=_days, default=None, help="only runs completed in the last N days")
+    history.add_argument("--all", action="store_true", help="every status, not only completed and stopped runs")
+    history.add_argument("--limit", type=_positive_limit, default=20, help="at most this many (default 20)")
+    history.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 

@@ -4,10 +4,11 @@ from db.config import DatabaseConfig, PoolConfig
 from db.connection import DatabaseConnection
 from db.errors import DatabaseConfigError, DatabaseError, DatabaseUnavailableError, TaskAlreadyExistsError
 from db.models import Base, Task, TaskStatus, TimestampMixin
-from db.repositories import TaskRepository
+from db.repositories import DailyUsage, TaskRepository, TaskUsageQuery, UserUsage
 
 __all__ = [
     "Base",
+    "DailyUsage",
     "DatabaseConfig",
     "DatabaseConfigError",
     "DatabaseConnection",
@@ -18,5 +19,7 @@ __all__ = [
     "TaskAlreadyExistsError",
     "TaskRepository",
     "TaskStatus",
+    "TaskUsageQuery",
     "TimestampMixin",
+    "UserUsage",
 ]

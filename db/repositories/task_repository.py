@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import BigInteger, ColumnElement, Result, and_, case, cast, delete, func, literal, select, true, update
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +22,14 @@ logger = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("uuid", "task_source", "owner", "repo", "task_type", "task_id")
 IMMUTABLE_FIELDS = frozenset({"uuid", "created_at", "updated_at"})
 MAX_PAGE = 1000
+PREVIOUS_STATUSES = (TaskStatus.COMPLETED.value, TaskStatus.STOPPED.value)
+NEWEST_FIRST = (Task.created_at.desc(), Task.uuid.asc())
+
+
+class TaskKeyLike(Protocol):
+    """What identifies a task's issue or merge request: the context_storage task keys have this."""
+
+    def task_fields(self) -> Mapping[str, str]: ...
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -160,6 +169,43 @@ class TaskRepository:
             conditions.append(Task.user == Task.check_values({"user": user})["user"])
         return self._list(and_(true(), *conditions), limit, offset)
 
+    def find_previous(
+        self,
+        task_key: TaskKeyLike | None = None,
+        *,
+        task_source: str | None = None,
+        owner: str | None = None,
+        repo: str | None = None,
+        task_type: str | None = None,
+        task_id: str | None = None,
+        statuses: Sequence[str] = PREVIOUS_STATUSES,
+        since: datetime | None = None,
+        limit: int = 10,
+    ) -> list[Task]:
+        """Earlier runs of one issue or merge request, most recently completed first.
+
+        Give a task key (anything with `task_fields()`) or the fields; `task_type=None` matches every type
+        (a GitHub number is shared by issues and pull requests). `since` keeps runs completed at or after it.
+        Served by ix_tasks_task_source_owner_repo.
+        """
+        given = {"task_source": task_source, "owner": owner, "repo": repo, "task_type": task_type, "task_id": task_id}
+        if task_key is not None:
+            if any(value is not None for value in given.values()):
+                raise ValueError("give either a task key or task fields, not both")
+            given = {name: task_key.task_fields()[name] for name in given}
+        missing = [name for name in ("task_source", "owner", "repo", "task_id") if given[name] is None]
+        if missing:
+            raise ValueError(f"missing task fields: {', '.join(missing)}")
+        values = Task.check_values({name: value for name, value in given.items() if value is not None})
+        if isinstance(statuses, str) or not statuses:
+            raise ValueError("statuses must be a non-empty sequence of task statuses")
+        conditions = [getattr(Task, name) == value for name, value in values.items()]
+        conditions.append(Task.status.in_([TaskStatus.parse(status).value for status in statuses]))
+        if since is not None:
+            conditions.append(Task.completed_at >= Task.check_values({"completed_at": since})["completed_at"])
+        order = (Task.completed_at.desc().nulls_last(), Task.created_at.desc(), Task.uuid.asc())
+        return self._list(and_(*conditions), limit, 0, order)
+
     def delete(self, uuid: str) -> bool:
         """Delete the task; False when it did not exist."""
         key = canonical_uuid(uuid)
@@ -196,12 +242,16 @@ class TaskRepository:
             logger.warning("%s: task %s does not exist", operation, key)
         return found
 
-    def _list(self, condition: ColumnElement[bool], limit: int, offset: int) -> list[Task]:
+    def _list(
+        self,
+        condition: ColumnElement[bool],
+        limit: int,
+        offset: int,
+        order: tuple[ColumnElement[Any], ...] = NEWEST_FIRST,
+    ) -> list[Task]:
         for name, value, low, high in (("limit", limit, 1, MAX_PAGE), ("offset", offset, 0, None)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
                 allowed = f"{low}..{high}" if high else f">= {low}"
                 raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
-        statement = (
-            select(Task).where(condition).order_by(Task.created_at.desc(), Task.uuid.asc()).limit(limit).offset(offset)
-        )
+        statement = select(Task).where(condition).order_by(*order).limit(limit).offset(offset)
         return run_in_transaction(self._connection, lambda session: list(session.scalars(statement)), "list tasks")

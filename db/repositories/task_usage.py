@@ -1,0 +1,155 @@
+"""Token usage per user by calendar day, week and month, in a time zone the caller chooses.
+
+Calendar boundaries are computed in Python (zoneinfo) and compared with `created_at` as instants, so
+neither SQLite's text date-times nor PostgreSQL's session time zone can change a result. A task's tokens
+count on the day it was created; weeks start on Monday.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import ColumnElement, and_, case, func, literal, select, true
+from sqlalchemy.orm import Session
+
+from db.connection import DatabaseConnection
+from db.models import Task
+from db.models.types import UTCDateTime
+from db.unit_of_work import run_in_transaction
+
+MAX_DAYS = 3660
+
+
+def time_zone(zone: str | tzinfo) -> tzinfo:
+    """A tzinfo for an IANA name such as `Asia/Tokyo`; ValueError for an unknown one."""
+    if isinstance(zone, tzinfo):
+        return zone
+    try:
+        return ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {zone!r}; use an IANA name such as UTC or Asia/Tokyo") from None
+
+
+def day_start(day: date, zone: tzinfo) -> datetime:
+    """The instant (UTC) at which `day` begins in `zone`."""
+    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Periods:
+    """The current day, week and month in one time zone, as [start, end) instants."""
+
+    today: tuple[datetime, datetime]
+    week: tuple[datetime, datetime]
+    month: tuple[datetime, datetime]
+
+    @classmethod
+    def around(cls, now: datetime, zone: tzinfo) -> Periods:
+        local = now.astimezone(zone).date()
+        monday = local - timedelta(days=local.weekday())
+        first = local.replace(day=1)
+        next_month = (first + timedelta(days=32)).replace(day=1)
+        return cls(
+            today=(day_start(local, zone), day_start(local + timedelta(days=1), zone)),
+            week=(day_start(monday, zone), day_start(monday + timedelta(days=7), zone)),
+            month=(day_start(first, zone), day_start(next_month, zone)),
+        )
+
+
+@dataclass(frozen=True)
+class UserUsage:
+    """Tokens of one user's tasks; `user` is None for tasks recorded without one."""
+
+    user: str | None
+    today: int
+    week: int
+    month: int
+    total: int
+
+
+@dataclass(frozen=True)
+class DailyUsage:
+    day: date
+    tokens: int
+
+
+class TaskUsageQuery:
+    """Token sums over the tasks table, for the usage dashboard."""
+
+    def __init__(self, connection: DatabaseConnection | None = None) -> None:
+        self._connection = connection if connection is not None else DatabaseConnection.get_instance()
+
+    def per_user(
+        self, *, zone: str | tzinfo = "UTC", now: datetime | None = None, user: str | None = None
+    ) -> list[UserUsage]:
+        """Today, this week, this month and all-time tokens per user, the month's largest first."""
+        periods = Periods.around(_now(now), time_zone(zone))
+
+        def within(bounds: tuple[datetime, datetime]) -> ColumnElement[int]:
+            start, end = (literal(moment, UTCDateTime()) for moment in bounds)
+            return func.coalesce(
+                func.sum(case((and_(Task.created_at >= start, Task.created_at < end), Task.total_tokens), else_=0)),
+                0,
+            )
+
+        statement = (
+            select(
+                Task.user,
+                within(periods.today),
+                within(periods.week),
+                within(periods.month),
+                func.coalesce(func.sum(Task.total_tokens), 0),
+            )
+            .where(_user_condition(user))
+            .group_by(Task.user)
+        )
+        rows = run_in_transaction(self._connection, lambda session: session.execute(statement).all(), "usage")
+        usages = [UserUsage(row[0], *(int(value) for value in row[1:])) for row in rows]
+        return sorted(usages, key=lambda usage: (-usage.month, -usage.total, usage.user or ""))
+
+    def top_users(self, *, limit: int = 10, zone: str | tzinfo = "UTC", now: datetime | None = None) -> list[UserUsage]:
+        """The users with the most tokens this month."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        return [usage for usage in self.per_user(zone=zone, now=now) if usage.month > 0][:limit]
+
+    def daily(
+        self, *, days: int = 30, zone: str | tzinfo = "UTC", now: datetime | None = None, user: str | None = None
+    ) -> list[DailyUsage]:
+        """Tokens per calendar day for the last `days` days (today included), oldest first, zeros included."""
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+            raise ValueError(f"days must be an integer in 1..{MAX_DAYS}, got {days!r}")
+        tz = time_zone(zone)
+        today = _now(now).astimezone(tz).date()
+        calendar = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+        starts = [day_start(day, tz) for day in calendar]
+        end = day_start(today + timedelta(days=1), tz)
+        statement = select(Task.created_at, Task.total_tokens).where(
+            Task.created_at >= literal(starts[0], UTCDateTime()),
+            Task.created_at < literal(end, UTCDateTime()),
+            _user_condition(user),
+        )
+
+        def work(session: Session) -> list[int]:
+            sums = [0] * days
+            for created_at, tokens in session.execute(statement).yield_per(5000):
+                sums[bisect.bisect_right(starts, created_at) - 1] += tokens
+            return sums
+
+        sums = run_in_transaction(self._connection, work, "daily usage")
+        return [DailyUsage(day, tokens) for day, tokens in zip(calendar, sums, strict=True)]
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    return now
+
+
+def _user_condition(user: str | None) -> ColumnElement[bool]:
+    return true() if user is None else Task.user == Task.check_values({"user": user})["user"]

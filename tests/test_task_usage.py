@@ -1,0 +1,233 @@
+"""Previous runs of an issue and token usage by calendar day, identical on every backend and time zone."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from context_storage import GitHubIssueTaskKey, GitHubPullRequestTaskKey, GitLabMergeRequestTaskKey
+from db import DatabaseConfig, DatabaseConnection, TaskRepository, TaskUsageQuery
+from db.repositories.task_usage import Periods, time_zone
+from db.schema import upgrade_schema
+from tests.conftest import task_data
+from tests.legacy_db import write_legacy_db
+from tests.test_cli import run
+
+TOKYO = timezone(timedelta(hours=9))
+NOW = datetime(2025, 12, 10, 3, 0, tzinfo=UTC)  # Wednesday 10 Dec, 12:00 in Tokyo
+# created_at -> tokens, chosen so every boundary in Tokyo and in UTC separates a different set of rows.
+ROWS = {
+    datetime(2025, 11, 30, 14, 59, 59, 999999, tzinfo=UTC): 1,  # Tokyo 30 Nov 23:59:59.999999
+    datetime(2025, 12, 1, 0, 0, tzinfo=TOKYO): 10,  # Tokyo 1 Dec 00:00, UTC 30 Nov
+    datetime(2025, 12, 7, 14, 59, 59, tzinfo=UTC): 100,  # Tokyo Sunday 7 Dec, just before the week
+    datetime(2025, 12, 8, 0, 0, tzinfo=TOKYO): 1000,  # Tokyo Monday 8 Dec 00:00, UTC Sunday 7 Dec
+    datetime(2025, 12, 9, 15, 0, tzinfo=UTC): 10_000,  # Tokyo 10 Dec 00:00, UTC 9 Dec
+    datetime(2025, 12, 10, 0, 0, tzinfo=UTC): 100_000,  # Tokyo 10 Dec 09:00, UTC 10 Dec 00:00
+}
+EXPECTED = {
+    "Asia/Tokyo": {"today": 110_000, "week": 111_000, "month": 111_110, "total": 111_111},
+    "UTC": {"today": 100_000, "week": 110_000, "month": 111_100, "total": 111_111},
+}
+EXPECTED_DAILY = {
+    "Asia/Tokyo": [
+        (date(2025, 12, 7), 100),
+        (date(2025, 12, 8), 1000),
+        (date(2025, 12, 9), 0),
+        (date(2025, 12, 10), 110_000),
+    ],
+    "UTC": [
+        (date(2025, 12, 7), 1100),
+        (date(2025, 12, 8), 0),
+        (date(2025, 12, 9), 10_000),
+        (date(2025, 12, 10), 100_000),
+    ],
+}
+
+
+@pytest.fixture
+def usage_rows(repo: TaskRepository, connection: DatabaseConnection, backend: str) -> TaskUsageQuery:
+    if backend == "postgresql":
+        # A session time zone far from UTC must not leak into any result.
+        connection.engine.dispose()
+        event.listen(
+            connection.engine, "connect", lambda dbapi, _: dbapi.cursor().execute("SET TIME ZONE 'Pacific/Kiritimati'")
+        )
+    for created_at, tokens in ROWS.items():
+        repo.create(task_data(user="alice", created_at=created_at, total_tokens=tokens))
+    repo.create(task_data(user="bob", created_at=NOW - timedelta(days=40), total_tokens=5))
+    repo.create(task_data(user=None, created_at=NOW, total_tokens=7))
+    return TaskUsageQuery(connection)
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "UTC"])
+def test_per_user_sums_follow_the_callers_calendar(usage_rows: TaskUsageQuery, zone: str) -> None:
+    alice = usage_rows.per_user(zone=zone, now=NOW, user="alice")
+    assert len(alice) == 1
+    assert {key: getattr(alice[0], key) for key in EXPECTED[zone]} == EXPECTED[zone]
+    everyone = {usage.user: usage for usage in usage_rows.per_user(zone=zone, now=NOW)}
+    assert set(everyone) == {"alice", "bob", None}
+    assert (everyone["bob"].month, everyone["bob"].total) == (0, 5)
+    assert everyone[None].today == 7
+
+
+@pytest.mark.parametrize("zone", ["Asia/Tokyo", "UTC"])
+def test_daily_history(usage_rows: TaskUsageQuery, zone: str) -> None:
+    daily = usage_rows.daily(days=4, zone=zone, now=NOW, user="alice")
+    assert [(entry.day, entry.tokens) for entry in daily] == EXPECTED_DAILY[zone]
+    assert len(usage_rows.daily(days=30, zone=zone, now=NOW)) == 30
+
+
+def test_top_users_of_the_month(usage_rows: TaskUsageQuery) -> None:
+    top = usage_rows.top_users(zone="Asia/Tokyo", now=NOW)
+    assert [usage.user for usage in top] == ["alice", None]
+    assert [usage.user for usage in usage_rows.top_users(limit=1, zone="UTC", now=NOW)] == ["alice"]
+
+
+def test_bad_usage_arguments(usage_rows: TaskUsageQuery) -> None:
+    with pytest.raises(ValueError, match="unknown time zone"):
+        usage_rows.per_user(zone="Mars/Olympus")
+    with pytest.raises(ValueError, match="days must be"):
+        usage_rows.daily(days=0)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        usage_rows.per_user(now=datetime(2025, 1, 1))  # noqa: DTZ001
+
+
+def test_days_with_a_daylight_saving_change_are_calendar_days() -> None:
+    new_york = time_zone("America/New_York")
+    periods = Periods.around(datetime(2025, 11, 2, 18, 0, tzinfo=UTC), new_york)
+    start, end = periods.today
+    assert end - start == timedelta(hours=25)
+    assert start == datetime(2025, 11, 2, 4, 0, tzinfo=UTC)
+
+
+def test_legacy_rows_count_on_the_right_day(tmp_path: Path) -> None:
+    path = tmp_path / "tasks.db"
+    write_legacy_db(path, rows=0)
+    forms = [
+        "2025-11-30T14:59:59.999999+00:00",
+        "2025-12-01T00:00:00+09:00",
+        "2025-12-07T14:59:59",  # no offset: UTC
+        "2025-12-08T00:00:00+09:00",
+        "2025-12-09T15:00:00+00:00",
+        "2025-12-10T09:00:00.000000+09:00",
+    ]
+    with sqlite3.connect(path) as raw:
+        raw.executemany(
+            "INSERT INTO tasks (uuid, task_source, owner, repo, task_type, task_id, status, created_at, user, "
+            "total_tokens) VALUES (?, 'github', 'acme', 'web', 'issue', '1', 'completed', ?, 'alice', ?)",
+            [(str(uuid.uuid4()), text, tokens) for text, tokens in zip(forms, ROWS.values(), strict=True)],
+        )
+    raw.close()
+    connection = DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(path)))
+    upgrade_schema(connection)
+    query = TaskUsageQuery(connection)
+    for zone, expected in EXPECTED.items():
+        alice = query.per_user(zone=zone, now=NOW, user="alice")[0]
+        assert {key: getattr(alice, key) for key in expected} == expected
+        assert [(e.day, e.tokens) for e in query.daily(days=4, zone=zone, now=NOW)] == EXPECTED_DAILY[zone]
+
+
+def _run(repo: TaskRepository, key: Any, status: str, completed: datetime | None, **extra: Any) -> str:
+    created = repo.create(task_data(**key.task_fields(), status="running", **extra))
+    if status != "running":
+        repo.update(created.uuid, {"status": status, "completed_at": completed})
+    return created.uuid
+
+
+def test_find_previous_runs_of_an_issue(repo: TaskRepository) -> None:
+    key = GitHubIssueTaskKey("acme", "web", 42)
+    base = datetime(2025, 12, 1, tzinfo=UTC)
+    old = _run(repo, key, "completed", base - timedelta(days=30))
+    stopped = _run(repo, key, "stopped", base - timedelta(days=2))
+    newest = _run(repo, key, "completed", base - timedelta(hours=1))
+    _run(repo, key, "failed", base - timedelta(hours=2))
+    _run(repo, key, "running", None)
+    _run(repo, GitHubPullRequestTaskKey("acme", "web", 42), "completed", base)
+    _run(repo, GitHubIssueTaskKey("acme", "api", 42), "completed", base)
+    _run(repo, GitHubIssueTaskKey("acme", "web", 43), "completed", base)
+
+    assert [t.uuid for t in repo.find_previous(key)] == [newest, stopped, old]
+    assert [t.uuid for t in repo.find_previous(key, since=base - timedelta(days=7))] == [newest, stopped]
+    assert [t.uuid for t in repo.find_previous(key, limit=1)] == [newest]
+    by_fields = repo.find_previous(task_source="github", owner="acme", repo="web", task_type="issue", task_id="42")
+    assert [t.uuid for t in by_fields] == [newest, stopped, old]
+    any_type = repo.find_previous(
+        task_source="github", owner="acme", repo="web", task_id="42", statuses=("completed", "stopped", "failed")
+    )
+    assert len(any_type) == 5
+    assert repo.find_previous(GitLabMergeRequestTaskKey(7, 42)) == []
+
+
+def test_find_previous_refuses_bad_arguments(repo: TaskRepository) -> None:
+    key = GitHubIssueTaskKey("acme", "web", 42)
+    with pytest.raises(ValueError, match="not both"):
+        repo.find_previous(key, owner="x")
+    with pytest.raises(ValueError, match="missing task fields: task_source, task_id"):
+        repo.find_previous(owner="acme", repo="web")
+    with pytest.raises(ValueError, match="unknown task status"):
+        repo.find_previous(key, statuses=("done",))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        repo.find_previous(key, statuses="completed")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        repo.find_previous(key, since=datetime(2025, 1, 1))  # noqa: DTZ001
+
+
+def test_find_previous_is_served_by_the_composite_index(
+    repo: TaskRepository, connection: DatabaseConnection, backend: str
+) -> None:
+    key = GitHubIssueTaskKey("acme", "web", 42)
+    _run(repo, key, "completed", datetime(2025, 12, 1, tzinfo=UTC))
+    captured: list[tuple[str, Any]] = []
+    event.listen(
+        connection.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, parameters, *_: captured.append((statement, parameters)),
+    )
+    repo.find_previous(key)
+    statement, parameters = next(item for item in captured if "FROM tasks" in item[0])
+    with connection.engine.connect() as conn:
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        if backend == "postgresql":
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute("EXPLAIN " + statement, parameters)
+        else:
+            cursor.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+        plan = " ".join(str(row) for row in cursor.fetchall())
+    assert "ix_tasks_task_source_owner_repo" in plan
+
+
+def test_cli_usage_and_history(tmp_path: Path) -> None:
+    assert run(tmp_path).returncode == 0
+    DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(tmp_path / "contexts" / "tasks.db")))
+    repo = TaskRepository()
+    now = datetime.now(UTC)
+    key = GitHubIssueTaskKey("acme", "web", 42)
+    first = _run(repo, key, "completed", now - timedelta(days=1), user="alice", total_tokens=1200)
+    second = _run(repo, key, "stopped", now - timedelta(minutes=5), user="alice", total_tokens=300)
+    _run(repo, GitLabMergeRequestTaskKey(77, 3), "completed", now, user="bob", total_tokens=50)
+    expected = {u.user: u for u in TaskUsageQuery().per_user(zone="Asia/Tokyo")}
+    DatabaseConnection.reset()
+
+    usage = json.loads(run(tmp_path, "tasks", "usage", "--tz", "Asia/Tokyo", "--json").stdout)
+    assert usage["time_zone"] == "Asia/Tokyo"
+    assert {row["user"]: row["total"] for row in usage["users"]} == {"alice": 1500, "bob": 50}
+    assert {row["user"]: row["today"] for row in usage["users"]} == {u: e.today for u, e in expected.items()}
+    alice = json.loads(run(tmp_path, "tasks", "usage", "--user", "alice", "--days", "3", "--json").stdout)
+    assert len(alice["daily"]) == 3 and sum(day["tokens"] for day in alice["daily"]) == 1500
+    chart = run(tmp_path, "tasks", "usage", "--user", "alice", "--days", "3").stdout
+    assert "alice: tokens per day, last 3 days" in chart and "█" in chart
+
+    history = json.loads(run(tmp_path, "tasks", "history", "acme/web#42", "--json").stdout)
+    assert [row["uuid"] for row in history] == [second, first]
+    assert len(json.loads(run(tmp_path, "tasks", "history", "77!3", "--json").stdout)) == 1
+    assert json.loads(run(tmp_path, "tasks", "history", "gitlab:77#3", "--json").stdout) == []
+    assert "acme/web#42" in run(tmp_path, "tasks", "history", "acme/web#42").stdout
+    bad = run(tmp_path, "tasks", "history", "acme#42")
+    assert bad.returncode == 1 and "OWNER/REPO#NUMBER" in bad.stderr
