@@ -14,9 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 
+from tqdm import tqdm
+
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository, TaskStatus, TaskUsageQuery
 from db.config import SETTINGS
 from db.connection import describe_driver_error
+from db.data_migration import migrate_data
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.repositories.task_usage import MAX_DAYS
 from db.schema import SchemaState, schema_state, upgrade_schema
@@ -73,6 +76,38 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         print(f"schema upgraded: {result.before.describe()} -> {result.after}")
     else:
         print(f"schema already at head: {result.after}")
+    return 0
+
+
+def cmd_db_migrate_data(args: argparse.Namespace) -> int:
+    connection = _connect(args)
+    with tqdm(unit=" rows", unit_scale=True, desc="copying", file=sys.stderr, disable=True if args.quiet else None) as bar:
+        report = migrate_data(
+            args.source,
+            connection,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            batch_size=args.batch_size,
+            progress=bar.update,
+        )
+    verb = "would copy" if report.dry_run else "copied"
+    print(f"source:      {report.source} ({report.source_rows} tasks)")
+    print(f"target:      {connection.config.safe_url}")
+    print(f"{verb + ':':<12} {report.copied}")
+    print(
+        f"{'overwritten:' if args.overwrite else 'skipped:':<12} "
+        f"{report.overwritten if args.overwrite else report.skipped} (uuid already present)"
+    )
+    print(f"time:        {report.seconds:.1f}s ({report.rows_per_second:,.0f} rows/s)")
+    if report.differences:
+        print("error: verification failed, nothing was written:", file=sys.stderr)
+        for difference in report.differences[:20]:
+            print(f"  {difference}", file=sys.stderr)
+        if report.skipped:
+            print("  (tasks already in the target differ from the source: --overwrite replaces them)", file=sys.stderr)
+        return EXIT_ERROR
+    if not report.dry_run:
+        print("verified:    row counts and per-column aggregates of source and target are equal")
     return 0
 
 
@@ -292,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     database = group("db", "schema and database operations")
     command(database, "upgrade", cmd_db_upgrade, "apply migrations up to head (a SQLite file is backed up first)")
     command(database, "current", cmd_db_current, "print the schema revision and the head revision")
+    migrate = command(
+        database,
+        "migrate-data",
+        cmd_db_migrate_data,
+        "copy every task of a SQLite tasks.db (old or new layout) into the configured database, then verify",
+    )
+    migrate.add_argument("--from", dest="source", required=True, metavar="SQLITE_PATH_OR_URL")
+    migrate.add_argument("--dry-run", action="store_true", help="read and check everything, report, write nothing")
+    migrate.add_argument("--overwrite", action="store_true", help="replace tasks whose uuid is already present")
+    migrate.add_argument("--batch-size", type=int, default=10_000, help="rows per batch (default 10000)")
+    migrate.add_argument("--quiet", action="store_true", help="no progress bar")
     command(
         database,
         "check",

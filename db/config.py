@@ -45,6 +45,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("user", "DATABASE_USER", ("database.postgresql.user", "database.user"), None),
     Setting("password", "DATABASE_PASSWORD", ("database.postgresql.password", "database.password"), None, secret=True),
     Setting("sslmode", "DATABASE_SSLMODE", ("database.postgresql.sslmode", "database.sslmode"), None),
+    Setting("sslrootcert", "DATABASE_SSLROOTCERT", ("database.postgresql.sslrootcert", "database.sslrootcert"), None),
     Setting("sqlite_path", "DATABASE_SQLITE_PATH", ("database.sqlite.path",), "tasks.db"),
     Setting("pool_size", "DATABASE_POOL_SIZE", ("database.pool.size",), 5),
     Setting("pool_max_overflow", "DATABASE_POOL_MAX_OVERFLOW", ("database.pool.max_overflow",), 10),
@@ -53,6 +54,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connect_timeout", "DATABASE_CONNECT_TIMEOUT", ("database.connect_timeout",), 10),
     Setting("startup_timeout", "DATABASE_STARTUP_TIMEOUT", ("database.startup_timeout",), 30.0),
     Setting("retry_timeout", "DATABASE_RETRY_TIMEOUT", ("database.retry_timeout",), 10.0),
+    Setting("slow_query_ms", "DATABASE_SLOW_QUERY_MS", ("database.slow_query_ms",), 500),
     Setting("echo", "DATABASE_ECHO", ("database.echo",), False),
 )
 BASE_DIR_KEY = "context_storage.base_dir"
@@ -84,6 +86,7 @@ class DatabaseConfig:
     user: str | None = None
     password: str | None = None
     sslmode: str | None = None
+    sslrootcert: str | None = None
     url: str | None = None
     sqlite_path: str = str(Path(DEFAULT_BASE_DIR) / "tasks.db")
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -91,11 +94,12 @@ class DatabaseConfig:
     connect_timeout: int = 10
     startup_timeout: float = 30.0
     retry_timeout: float = 10.0
+    slow_query_ms: int = 500
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.url is not None:
-            url = _parse_url(self.url, self._label("url"), self.sslmode)
+            url = _parse_url(self.url, self._label("url"), self.sslmode, self.sslrootcert)
             object.__setattr__(self, "type", url.get_backend_name())
         elif self.type not in SERVER_TYPES:
             self._fail("type", f"unknown database type {self.type!r}; allowed: {', '.join(SERVER_TYPES)}")
@@ -120,6 +124,7 @@ class DatabaseConfig:
         if isinstance(recycle, bool) or not isinstance(recycle, int) or not (recycle == -1 or recycle > 0):
             self._fail("pool_recycle", f"must be -1 (off) or an integer > 0, got {recycle!r}")
         _check_int(self.connect_timeout, 1, self._label("connect_timeout"), "> 0")
+        _check_int(self.slow_query_ms, 0, self._label("slow_query_ms"), ">= 0 (0 logs every statement)")
         for name in ("startup_timeout", "retry_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -159,6 +164,7 @@ class DatabaseConfig:
             user=values["user"],
             password=values["password"],
             sslmode=values["sslmode"],
+            sslrootcert=values["sslrootcert"],
             url=values["url"],
             sqlite_path=sqlite_path,
             pool=PoolConfig(
@@ -171,6 +177,7 @@ class DatabaseConfig:
             connect_timeout=_to_int(values["connect_timeout"], sources["connect_timeout"]),
             startup_timeout=_to_float(values["startup_timeout"], sources["startup_timeout"]),
             retry_timeout=_to_float(values["retry_timeout"], sources["retry_timeout"]),
+            slow_query_ms=_to_int(values["slow_query_ms"], sources["slow_query_ms"]),
             sources=sources,
         )
 
@@ -178,7 +185,7 @@ class DatabaseConfig:
     def sqlalchemy_url(self) -> URL:
         """The URL handed to `create_engine`, built with `URL.create` so any password works."""
         if self.url is not None:
-            return _parse_url(self.url, self._label("url"), self.sslmode)
+            return _parse_url(self.url, self._label("url"), self.sslmode, self.sslrootcert)
         if self.type == "sqlite":
             return URL.create("sqlite", database=None if self.sqlite_path == MEMORY else self.sqlite_path)
         return URL.create(
@@ -188,7 +195,9 @@ class DatabaseConfig:
             host=self.host,
             port=self.port,
             database=self.name,
-            query={"sslmode": self.sslmode} if self.sslmode else {},
+            query={
+                key: value for key, value in (("sslmode", self.sslmode), ("sslrootcert", self.sslrootcert)) if value
+            },
         )
 
     @property
@@ -272,7 +281,7 @@ def _read_config(config: Mapping[str, Any] | str | os.PathLike[str] | None) -> t
     return document, path.name
 
 
-def _parse_url(text: str, label: str, sslmode: str | None = None) -> URL:
+def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: str | None = None) -> URL:
     # make_url's own ValueError can quote pieces of the password: never chain or repeat it.
     try:
         url = make_url(text)
@@ -293,8 +302,9 @@ def _parse_url(text: str, label: str, sslmode: str | None = None) -> URL:
     query_sslmode = url.query.get("sslmode")
     if isinstance(query_sslmode, str) and query_sslmode not in SSL_MODES:
         raise DatabaseConfigError(f"{label}: unknown sslmode {query_sslmode!r}; allowed: {', '.join(SSL_MODES)}")
-    if sslmode and url.get_backend_name() == "postgresql" and query_sslmode is None:
-        url = url.update_query_dict({"sslmode": sslmode})
+    if url.get_backend_name() == "postgresql":
+        extra = {key: value for key, value in (("sslmode", sslmode), ("sslrootcert", sslrootcert)) if value}
+        url = url.update_query_dict({key: value for key, value in extra.items() if key not in url.query})
     return url
 
 

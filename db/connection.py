@@ -20,6 +20,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from db.config import DatabaseConfig
 from db.errors import DatabaseUnavailableError
 from db.models import Base
+from db.slow_query_log import install_slow_query_log
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def retry_policy(seconds: float, first_wait: float, max_wait: float, what: str) 
 
 def build_engine(config: DatabaseConfig) -> Engine:
     """Create the engine for `config`, with the pool and per-connection settings its backend needs."""
+    engine = _create_engine(config)
+    install_slow_query_log(engine, config.slow_query_ms)
+    return engine
+
+
+def _create_engine(config: DatabaseConfig) -> Engine:
     url = config.sqlalchemy_url
     if config.backend != "sqlite":
         connect_args: dict[str, Any] = {}
