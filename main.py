@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from tqdm import tqdm
 
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository, TaskStatus, TaskUsageQuery
+from db.backup import backup_database, restore_database
 from db.config import SETTINGS
 from db.connection import describe_driver_error
 from db.data_migration import migrate_data
@@ -24,6 +26,7 @@ from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.repositories.task_usage import MAX_DAYS
 from db.schema import SchemaState, schema_state, upgrade_schema
 from db.startup import app_environment, prepare_schema
+from db.stats import database_stats
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -81,7 +84,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_db_migrate_data(args: argparse.Namespace) -> int:
     connection = _connect(args)
-    with tqdm(unit=" rows", unit_scale=True, desc="copying", file=sys.stderr, disable=True if args.quiet else None) as bar:
+    with tqdm(
+        unit=" rows", unit_scale=True, desc="copying", file=sys.stderr, disable=True if args.quiet else None
+    ) as bar:
         report = migrate_data(
             args.source,
             connection,
@@ -109,6 +114,53 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
     if not report.dry_run:
         print("verified:    row counts and per-column aggregates of source and target are equal")
     return 0
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    connection = _connect(args)
+    output = backup_database(connection, Path(args.output))
+    print(f"backup of {connection.config.safe_url} written to {output} ({output.stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_db_restore(args: argparse.Namespace) -> int:
+    connection = _connect(args)
+    if not args.yes:
+        print(
+            f"error: restoring replaces the tasks in {connection.config.safe_url}; add --yes to go ahead",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    restore_database(connection, Path(args.backup))
+    counts = TaskRepository(connection).count_by_status()
+    print(f"restored {args.backup} into {connection.config.safe_url}: {sum(counts.values())} tasks")
+    return 0
+
+
+def cmd_db_stats(args: argparse.Namespace) -> int:
+    connection = _connect(args)
+    stats = database_stats(connection)
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False, indent=2, default=str))
+    else:
+        _print_nested(stats)
+    return 0
+
+
+def _print_nested(value: object, indent: str = "") -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                print(f"{indent}{key}:")
+                _print_nested(item, indent + "  ")
+            else:
+                print(f"{indent}{key}: {item}")
+    elif isinstance(value, list):
+        for item in value:
+            print(f"{indent}-")
+            _print_nested(item, indent + "  ")
+    else:
+        print(f"{indent}{value}")
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
@@ -338,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--overwrite", action="store_true", help="replace tasks whose uuid is already present")
     migrate.add_argument("--batch-size", type=int, default=10_000, help="rows per batch (default 10000)")
     migrate.add_argument("--quiet", action="store_true", help="no progress bar")
+    backup = command(database, "backup", cmd_db_backup, "write a backup: pg_dump custom format, or a SQLite copy")
+    backup.add_argument("--output", required=True, metavar="FILE", help="new file to write")
+    restore = command(database, "restore", cmd_db_restore, "replace the database's tables by a backup's")
+    restore.add_argument("backup", metavar="FILE")
+    restore.add_argument("--yes", action="store_true", help="confirm that the current tasks are replaced")
+    stats = command(database, "stats", cmd_db_stats, "connections, transactions, deadlocks, query times, sizes")
+    stats.add_argument("--json", action="store_true", help="print JSON")
     command(
         database,
         "check",

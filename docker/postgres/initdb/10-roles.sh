@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs once, when the postgres container initialises an empty data directory, as POSTGRES_USER on
+# POSTGRES_DB. Creates the owner role (migrations: may create, alter and drop) and the runtime role (agents:
+# may read and write rows, may not create, alter or drop anything). Passwords are read by psql's \getenv,
+# so they never appear on a command line.
+set -euo pipefail
+: "${POSTGRES_USER:?}" "${POSTGRES_DB:?}" "${DB_OWNER_PASSWORD:?}" "${DB_RUNTIME_PASSWORD:?}"
+export DB_OWNER_USER="${DB_OWNER_USER:-agent_owner}" DB_RUNTIME_USER="${DB_RUNTIME_USER:-agent_runtime}"
+
+psql --no-psqlrc -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" <<'SQL'
+\getenv db POSTGRES_DB
+\getenv owner DB_OWNER_USER
+\getenv owner_password DB_OWNER_PASSWORD
+\getenv runtime DB_RUNTIME_USER
+\getenv runtime_password DB_RUNTIME_PASSWORD
+
+CREATE ROLE :"owner" LOGIN PASSWORD :'owner_password' NOSUPERUSER NOCREATEDB NOCREATEROLE;
+CREATE ROLE :"runtime" LOGIN PASSWORD :'runtime_password' NOSUPERUSER NOCREATEDB NOCREATEROLE;
+
+ALTER DATABASE :"db" OWNER TO :"owner";
+REVOKE ALL ON DATABASE :"db" FROM PUBLIC;
+GRANT CONNECT ON DATABASE :"db" TO :"runtime";
+
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE, CREATE ON SCHEMA public TO :"owner";
+GRANT USAGE ON SCHEMA public TO :"runtime";
+
+-- Every table the owner creates (tasks, alembic_version) is readable and writable row by row by the runtime.
+ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
+    GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO :"runtime";
+ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
+    GRANT USAGE, SELECT ON SEQUENCES TO :"runtime";
+
+-- Monitoring (python main.py db stats): query texts of every role.
+GRANT pg_read_all_stats TO :"owner";
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+SQL

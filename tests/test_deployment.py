@@ -1,0 +1,150 @@
+"""Deployment files: the compose stack's shape, and the PostgreSQL role script on a real server."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import ProgrammingError
+
+from db import DatabaseConfig, DatabaseConnection, TaskRepository
+from db.backup import find_pg_tool
+from db.schema import schema_state, upgrade_schema
+from tests.conftest import task_data
+from tests.postgres_server import PostgresServer
+
+ROOT = Path(__file__).resolve().parent.parent
+INIT_SCRIPT = ROOT / "docker" / "postgres" / "initdb" / "10-roles.sh"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    return document
+
+
+def test_postgres_service(compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert postgres["image"] == "postgres:16"
+    volumes = postgres["volumes"]
+    assert any(volume.split(":")[0] in compose["volumes"] for volume in volumes)
+    assert "./docker/postgres/initdb:/docker-entrypoint-initdb.d:ro" in volumes
+    for name in ("POSTGRES_DB", "POSTGRES_USER", "POSTGRES_PASSWORD"):
+        assert re.fullmatch(r"\$\{" + name + r"[:?-].*\}", postgres["environment"][name])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_migrate_then_agent(compose: dict[str, Any]) -> None:
+    migrate, agent = compose["services"]["migrate"], compose["services"]["agent"]
+    assert migrate["command"] == ["python", "main.py", "db", "upgrade"]
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert agent["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "migrate": {"condition": "service_completed_successfully"},
+    }
+    for service in (migrate, agent):
+        environment = service["environment"]
+        assert environment["DATABASE_TYPE"] == "postgresql" and environment["DATABASE_HOST"] == "postgres"
+        assert environment["DATABASE_PASSWORD"].startswith("${")
+    assert "OWNER" in migrate["environment"]["DATABASE_USER"]
+    assert "RUNTIME" in agent["environment"]["DATABASE_USER"]
+    assert agent["healthcheck"]["test"] == ["CMD", "python", "main.py", "db", "check"]
+
+
+def test_env_example_names_every_required_variable_and_no_real_secret(compose: dict[str, Any]) -> None:
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    defined = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text(encoding="utf-8")))
+    assert required <= set(defined)
+    assert all(defined[name].startswith("CHANGE-ME") for name in required if "PASSWORD" in name)
+    assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+@pytest.fixture
+def initialised_database(postgres_server: PostgresServer) -> Iterator[dict[str, str]]:
+    """A new database prepared by the init script exactly as the postgres container runs it."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "POSTGRES_DB": f"roles_{suffix}",
+        "DB_OWNER_USER": f"owner_{suffix}",
+        "DB_OWNER_PASSWORD": "own'er:p@ss/%",
+        "DB_RUNTIME_USER": f"runtime_{suffix}",
+        "DB_RUNTIME_PASSWORD": 'run"time p@ss#',
+    }
+    url = postgres_server.url
+    postgres_server.execute_admin(f"CREATE DATABASE {names['POSTGRES_DB']}")
+    env = {
+        **os.environ,
+        **names,
+        "POSTGRES_USER": str(url.username),
+        "PGHOST": str(url.host),
+        "PGPORT": str(url.port),
+        "PGPASSWORD": str(url.password),
+    }
+    env["PATH"] = f"{_psql_dir()}:{env.get('PATH', '')}"
+    result = subprocess.run(["bash", str(INIT_SCRIPT)], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert names["DB_OWNER_PASSWORD"] not in result.stdout + result.stderr
+    yield names
+    DatabaseConnection.reset()
+    postgres_server.execute_admin(
+        f"DROP DATABASE IF EXISTS {names['POSTGRES_DB']} WITH (FORCE)",
+        f"DROP ROLE IF EXISTS {names['DB_OWNER_USER']}",
+        f"DROP ROLE IF EXISTS {names['DB_RUNTIME_USER']}",
+    )
+
+
+def _psql_dir() -> str:
+    return str(Path(find_pg_tool("psql")).parent)
+
+
+def _config(server: PostgresServer, names: dict[str, str], role: str) -> DatabaseConfig:
+    return DatabaseConfig(
+        type="postgresql",
+        host=str(server.url.host),
+        port=int(server.url.port or 5432),
+        name=names["POSTGRES_DB"],
+        user=names[f"DB_{role}_USER"],
+        password=names[f"DB_{role}_PASSWORD"],
+    )
+
+
+def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
+    postgres_server: PostgresServer, initialised_database: dict[str, str]
+) -> None:
+    owner = DatabaseConnection.initialize(_config(postgres_server, initialised_database, "OWNER"))
+    upgrade_schema(owner)
+    DatabaseConnection.reset()
+
+    runtime = DatabaseConnection.initialize(_config(postgres_server, initialised_database, "RUNTIME"))
+    assert schema_state(runtime).at_head
+    repo = TaskRepository(runtime)
+    task = repo.create(task_data())
+    assert repo.update_statistics(task.uuid, llm_calls=2)
+    assert repo.complete(task.uuid)
+    assert repo.delete(task.uuid)
+
+    engine = create_engine(runtime.config.sqlalchemy_url)
+    refused = [
+        "CREATE TABLE intruder (id int)",
+        "CREATE TEMP TABLE scratch (id int)",
+        "ALTER TABLE tasks ADD COLUMN extra text",
+        "DROP TABLE tasks",
+        "CREATE INDEX ix_extra ON tasks (owner)",
+        "TRUNCATE tasks",
+        "CREATE SCHEMA side",
+    ]
+    try:
+        for statement in refused:
+            with pytest.raises(ProgrammingError, match=r"permission denied|must be owner"), engine.begin() as conn:
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
