@@ -63,6 +63,8 @@ SAMPLES = {
     "name": ("env_db", "yaml_db"),
     "user": ("env_user", "yaml_user"),
     "sslmode": ("verify-full", "disable"),
+    "sslrootcert": ("/etc/env-ca.pem", "/etc/yaml-ca.pem"),
+    "slow_query_ms": ("250", 0),
     "sqlite_path": ("/tmp/env.db", "/tmp/yaml.db"),
     "pool_size": ("7", 8),
     "pool_max_overflow": ("3", 4),
