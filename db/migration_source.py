@@ -1,0 +1,314 @@
+"""A SQLite tasks.db as the source of a data migration: opened read-only, checked, read, summarised.
+
+Rows are normalised the way the in-place upgrade normalises them: date-times as instants (no offset means
+UTC), NULL counters as 0, a missing updated_at as the first of completed_at, started_at, created_at.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, inspect
+from sqlalchemy.engine import URL, make_url
+
+from db.errors import DatabaseError
+from db.models import COUNTER_COLUMNS, Task, TaskStatus
+from db.models.types import parse_stored_datetime
+
+COLUMNS = tuple(column.key for column in Task.__table__.columns)
+REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
+DATETIMES = ("created_at", "started_at", "completed_at", "updated_at")
+UPDATED_FALLBACK = ("completed_at", "started_at", "created_at")
+LENGTHS: dict[str, int] = {
+    column.key: column.type.length  # type: ignore[attr-defined]
+    for column in Task.__table__.columns
+    if getattr(column.type, "length", None) and column.key != "uuid"
+}
+STRINGS = (*LENGTHS, "error_message")
+INTEGERS = ("process_id", "context_length", *COUNTER_COLUMNS)
+STATUSES = tuple(status.value for status in TaskStatus)
+
+
+class DataMigrationError(DatabaseError):
+    """The source cannot be copied; nothing was written."""
+
+
+@dataclass
+class Aggregates:
+    """Row count and, per column, non-null count and a sum (numbers, string lengths) or min/max (date-times)."""
+
+    rows: int = 0
+    non_null: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COLUMNS, 0))
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys((*INTEGERS, *STRINGS), 0))
+    earliest: dict[str, datetime | None] = field(default_factory=lambda: dict.fromkeys(DATETIMES, None))
+    latest: dict[str, datetime | None] = field(default_factory=lambda: dict.fromkeys(DATETIMES, None))
+
+    def differences(self, other: Aggregates) -> list[str]:
+        """What differs from `other`, one line per figure; empty when they agree."""
+        found = [] if self.rows == other.rows else [f"rows: source {self.rows}, target {other.rows}"]
+        for label, mine, theirs in (
+            ("non-null", self.non_null, other.non_null),
+            ("sum", self.sums, other.sums),
+            ("min", self.earliest, other.earliest),
+            ("max", self.latest, other.latest),
+        ):
+            found.extend(
+                f"{name} {label}: source {mine[name]}, target {theirs[name]}"
+                for name in mine
+                if mine[name] != theirs[name]
+            )
+        return found
+
+
+def _quoted(name: str) -> str:
+    return f'"{name}"'
+
+
+class TaskSource:
+    """The tasks table of a SQLite file named by a path or a sqlite:/// URL, never written to."""
+
+    def __init__(self, source: str) -> None:
+        self.path = _source_path(source)
+        read_only = URL.create("sqlite", database=f"file:{self.path}?mode=ro", query={"uri": "true"})
+        # Read from worker threads too, one thread per connection at a time.
+        self.engine: Engine = create_engine(read_only, connect_args={"check_same_thread": False})
+        try:
+            self.columns = self._columns()
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def is_same_file(self, other: str | os.PathLike[str]) -> bool:
+        return Path(other).exists() and os.path.samefile(other, self.path)
+
+    def _columns(self) -> set[str]:
+        try:
+            inspector = inspect(self.engine)
+            columns = (
+                {column["name"] for column in inspector.get_columns("tasks")} if inspector.has_table("tasks") else set()
+            )
+        except Exception:
+            raise DataMigrationError(f"{self.path} is not a SQLite database") from None
+        missing = [name for name in REQUIRED if name not in columns]
+        if missing:
+            raise DataMigrationError(
+                f"{self.path} is not a task database: it has no tasks table with the columns {', '.join(missing)}"
+            )
+        return columns
+
+    def _query(self, sql: str, batch_size: int = 10_000) -> Iterator[Sequence[Any]]:
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute(sql)
+            while rows := cursor.fetchmany(batch_size):
+                yield rows
+        finally:
+            raw.close()
+
+    def _first(self, sql: str) -> tuple[Any, ...] | None:
+        for rows in self._query(sql, 1):
+            return tuple(rows[0])
+        return None
+
+    def rows(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        """Normalised rows (every model column), a batch at a time."""
+        present = [name for name in COLUMNS if name in self.columns]
+        sql = f"SELECT {', '.join(map(_quoted, present))} FROM tasks"  # noqa: S608
+        for rows in self._query(sql, batch_size):
+            yield [_normalise(dict(zip(present, row, strict=True))) for row in rows]
+
+    def copy_chunks(self, batch_size: int) -> Iterator[str]:
+        """The normalised rows as CSV for `COPY ... (FORMAT csv)`, formatted by SQLite itself.
+
+        In that CSV an unquoted empty field is NULL and every text value is quoted, so "" is an empty string.
+        """
+        naive = self._naive_datetime_columns()
+        line = " || ',' || ".join(self._copy_field(name, naive) for name in COLUMNS)
+        for rows in self._query(f"SELECT {line} FROM tasks", batch_size):  # noqa: S608
+            yield "\n".join(row[0] for row in rows) + "\n"
+
+    def _naive_datetime_columns(self) -> set[str]:
+        """Date-time columns holding text without an offset, found in one scan (the others go out as they are)."""
+        present = [name for name in DATETIMES if name in self.columns]
+        checks = [f"coalesce(max({_quoted(name)} IS NOT NULL AND NOT ({_has_offset(name)})), 0)" for name in present]
+        flags = self._first(f"SELECT {', '.join(checks)} FROM tasks")  # noqa: S608
+        assert flags is not None
+        return {name for name, flag in zip(present, flags, strict=True) if flag}
+
+    def _copy_field(self, name: str, naive: set[str]) -> str:
+        if name == "updated_at":
+            sources = [column for column in ("updated_at", *UPDATED_FALLBACK) if column in self.columns]
+            return f"coalesce({', '.join(_copy_datetime(column, column in naive) for column in sources)})"
+        if name not in self.columns:
+            return "'0'" if name in COUNTER_COLUMNS else "''"
+        quoted = _quoted(name)
+        if name in COUNTER_COLUMNS:
+            return f"CAST(coalesce({quoted}, 0) AS TEXT)"
+        if name in DATETIMES:
+            return f"coalesce({_copy_datetime(name, name in naive)}, '')"
+        if name in INTEGERS:
+            return f"coalesce(CAST({quoted} AS TEXT), '')"
+        return f"""coalesce('"' || replace(CAST({quoted} AS TEXT), '"', '""') || '"', '')"""
+
+    def aggregates(self) -> Aggregates:
+        """The figures verification compares, from one scan of the source.
+
+        The same scan finds values the schema would refuse (unknown status, strings too long), which are
+        named. Date-time columns whose text is all canonical UTC sort as text; the others are parsed in Python,
+        so an unreadable date-time is named too.
+        """
+        figures: dict[str, str] = {"rows": "count(*)"}
+        for name in COLUMNS:
+            always = name in COUNTER_COLUMNS or name == "updated_at"
+            figures[f"non_null {name}"] = "count(*)" if always else self._present(f"count({_quoted(name)})")
+        for name in INTEGERS:
+            figures[f"sum {name}"] = self._present(f"coalesce(sum({_quoted(name)}), 0)", name)
+        for name in STRINGS:
+            figures[f"sum {name}"] = self._present(f"coalesce(sum(length({_quoted(name)})), 0)", name)
+        for name in LENGTHS:
+            figures[f"longest {name}"] = self._present(f"coalesce(max(length({_quoted(name)})), 0)", name)
+        allowed = ", ".join(f"'{status}'" for status in STATUSES)
+        figures["unknown statuses"] = f"coalesce(sum(status IS NULL OR status NOT IN ({allowed})), 0)"
+        for name in DATETIMES:
+            expression = self._datetime_expression(name)
+            figures[f"min {name}"] = f"min({expression})"
+            figures[f"max {name}"] = f"max({expression})"
+            figures[f"odd {name}"] = f"coalesce(sum({expression} IS NOT NULL AND NOT ({_canonical(expression)})), 0)"
+        row = self._first(f"SELECT {', '.join(figures.values())} FROM tasks")  # noqa: S608
+        assert row is not None
+        values = dict(zip(figures, row, strict=True))
+        self._refuse_unfit_values(values)
+        result = Aggregates(rows=int(values["rows"]))
+        for name in COLUMNS:
+            result.non_null[name] = int(values[f"non_null {name}"])
+        for name in (*INTEGERS, *STRINGS):
+            result.sums[name] = int(values[f"sum {name}"])
+        odd = {name for name in DATETIMES if values[f"odd {name}"]}
+        for name in set(DATETIMES) - odd:
+            result.earliest[name] = _instant(None, name, values[f"min {name}"])
+            result.latest[name] = _instant(None, name, values[f"max {name}"])
+        if odd:
+            self._datetime_extremes(result, odd)
+        return result
+
+    def _present(self, expression: str, name: str | None = None) -> str:
+        return expression if name is None or name in self.columns else "0"
+
+    def _datetime_expression(self, name: str) -> str:
+        if name == "updated_at":
+            sources = [column for column in ("updated_at", *UPDATED_FALLBACK) if column in self.columns]
+            return f"coalesce({', '.join(map(_quoted, sources))})"
+        return _quoted(name) if name in self.columns else "NULL"
+
+    def _refuse_unfit_values(self, values: dict[str, Any]) -> None:
+        if values["unknown statuses"]:
+            allowed = ", ".join(f"'{status}'" for status in STATUSES)
+            query = f"SELECT uuid, status FROM tasks WHERE status IS NULL OR status NOT IN ({allowed}) LIMIT 1"  # noqa: S608
+            bad = self._first(query)
+            assert bad is not None
+            raise DataMigrationError(f"task {bad[0]}: unknown status {bad[1]!r}")
+        for name, limit in LENGTHS.items():
+            if values[f"longest {name}"] > limit:
+                quoted = _quoted(name)
+                long = self._first(f"SELECT uuid, length({quoted}) FROM tasks WHERE length({quoted}) > {limit} LIMIT 1")  # noqa: S608
+                assert long is not None
+                raise DataMigrationError(
+                    f"task {long[0]}: {name} is {long[1]} characters long, the column takes {limit}"
+                )
+
+    def _datetime_extremes(self, result: Aggregates, names: set[str]) -> None:
+        present = [name for name in DATETIMES if name in self.columns]
+        sql = f"SELECT uuid, {', '.join(map(_quoted, present))} FROM tasks"  # noqa: S608
+        for rows in self._query(sql, 20_000):
+            for uuid, *stamps in rows:
+                values: dict[str, datetime | None] = {
+                    name: _instant(uuid, name, value) for name, value in zip(present, stamps, strict=True)
+                }
+                if values.get("updated_at") is None:
+                    values["updated_at"] = next((values[name] for name in UPDATED_FALLBACK if values.get(name)), None)
+                for name in names:
+                    value = values.get(name)
+                    if value is not None:
+                        low, high = result.earliest[name], result.latest[name]
+                        if low is None or value < low:
+                            result.earliest[name] = value
+                        if high is None or value > high:
+                            result.latest[name] = value
+
+
+def _canonical(expression: str) -> str:
+    """True for the fixed-width UTC text `YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00`, whose text order is time order."""
+    return (
+        f"length({expression}) IN (25, 32) AND substr({expression}, 11, 1) = 'T' "
+        f"AND substr({expression}, -6) = '+00:00'"
+    )
+
+
+def _has_offset(name: str) -> str:
+    """True for text ending in +HH:MM, -HH:MM, +HHMM, -HHMM or Z (checked from the end: no scanning)."""
+    quoted = _quoted(name)
+    return (
+        f"(substr({quoted}, -6, 1) IN ('+', '-') AND substr({quoted}, -3, 1) = ':') "
+        f"OR (substr({quoted}, -5, 1) IN ('+', '-') AND substr({quoted}, -4) GLOB '[0-9][0-9][0-9][0-9]') "
+        f"OR substr({quoted}, -1) = 'Z'"
+    )
+
+
+def _copy_datetime(name: str, has_naive_values: bool) -> str:
+    # Text with an offset goes as it is; without one it means UTC, which PostgreSQL must be told.
+    quoted = _quoted(name)
+    if not has_naive_values:
+        return quoted
+    return f"CASE WHEN {_has_offset(name)} THEN {quoted} ELSE {quoted} || '+00:00' END"
+
+
+def _source_path(source: str) -> Path:
+    if "://" in source:
+        try:
+            url = make_url(source)
+        except Exception:
+            raise DataMigrationError("--from: not a valid URL (expected sqlite:///PATH or a file path)") from None
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            raise DataMigrationError("--from: only SQLite files can be read (sqlite:///PATH or a file path)")
+        path = Path(url.database)
+    else:
+        path = Path(source)
+    if not path.is_file():
+        raise DataMigrationError(f"--from: no such file: {path}")
+    return path.resolve()
+
+
+def _instant(task: object, name: str, value: object) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_stored_datetime(str(value)) if str(value)[:1].isdigit() else _unreadable(task, name, value)
+    except ValueError:
+        return _unreadable(task, name, value)
+
+
+def _unreadable(task: object, name: str, value: object) -> datetime:
+    where = f"task {task}: " if task is not None else ""
+    raise DataMigrationError(f"{where}{name} {value!r} is not a date-time")
+
+
+def _normalise(values: dict[str, Any]) -> dict[str, Any]:
+    task = values["uuid"]
+    row = {name: values.get(name) for name in COLUMNS}
+    for name in DATETIMES:
+        row[name] = _instant(task, name, row[name])
+    for name in COUNTER_COLUMNS:
+        if row[name] is None:
+            row[name] = 0
+    if row["updated_at"] is None:
+        row["updated_at"] = next(row[name] for name in UPDATED_FALLBACK if row[name] is not None)
+    return row
