@@ -1,10 +1,18 @@
-"""Run one unit of work in its own transaction, redoing it when it failed for a transient reason before COMMIT."""
+"""Run one unit of work in its own transaction, redoing it after a transient failure when that is safe.
+
+Before COMMIT, a lost connection, a deadlock or a serialization failure leaves nothing behind, so the work
+is redone. A connection lost while COMMIT is in flight leaves the outcome unknown: work that sets values
+(`redo_safe`) is simply redone; work that adds or inserts is first checked with `committed(result)` (on
+PostgreSQL, the transaction's id asked of `pg_xact_status`), and redone only if it did not take effect.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception
@@ -16,6 +24,8 @@ T = TypeVar("T")
 
 # PostgreSQL rolls the whole transaction back on these, so the work can be redone as it is.
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+STATUS_POLLS = 100
+STATUS_POLL_SECONDS = 0.05
 
 
 class _FailedBeforeCommitError(Exception):
@@ -35,15 +45,22 @@ def _is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(error, OperationalError):
         return True
-    return getattr(getattr(error, "orig", None), "pgcode", None) in TRANSIENT_SQLSTATES
+    return _known_rolled_back(error)
 
 
-def run_in_transaction(connection: DatabaseConnection, work: Callable[[Session], T], description: str) -> T:
-    """Run `work(session)` in one transaction and commit it.
+def run_in_transaction(
+    connection: DatabaseConnection,
+    work: Callable[[Session], T],
+    description: str,
+    *,
+    redo_safe: bool = False,
+    committed: Callable[[T], bool] | None = None,
+) -> T:
+    """Run `work(session)` in one transaction and commit it, retrying transient failures for `retry_timeout`.
 
-    A connection dropped, a deadlock or a serialization failure while the work runs is retried with backoff
-    for up to `retry_timeout` seconds. Once COMMIT has been sent nothing is retried, since the outcome is
-    unknown: the error is raised as a `DatabaseError`. `IntegrityError` is left to the caller to interpret.
+    `redo_safe`: running the work twice leaves the same state as running it once. `committed(result)`: tells,
+    after a COMMIT whose answer was lost, whether it took effect. With neither, such a failure is raised as a
+    `DatabaseError` saying the outcome is unknown. `IntegrityError` is left to the caller to interpret.
     """
     retrying = Retrying(
         retry=retry_if_exception(_is_transient),
@@ -52,7 +69,7 @@ def run_in_transaction(connection: DatabaseConnection, work: Callable[[Session],
     try:
         for attempt in retrying:
             with attempt:
-                return _run_once(connection, work)
+                return _run_once(connection, work, redo_safe, committed)
     except _FailedBeforeCommitError as failure:
         error = failure.error
         if isinstance(error, IntegrityError):
@@ -61,7 +78,9 @@ def run_in_transaction(connection: DatabaseConnection, work: Callable[[Session],
     raise AssertionError("unreachable: tenacity either returns or raises")
 
 
-def _run_once(connection: DatabaseConnection, work: Callable[[Session], T]) -> T:
+def _run_once(
+    connection: DatabaseConnection, work: Callable[[Session], T], redo_safe: bool, committed: Callable[[T], bool] | None
+) -> T:
     committing = False
     try:
         with connection.session_scope() as session:
@@ -70,8 +89,44 @@ def _run_once(connection: DatabaseConnection, work: Callable[[Session], T]) -> T
             committing = True
         return result
     except SQLAlchemyError as error:
-        if committing:
+        if not committing or redo_safe or _known_rolled_back(error):
+            raise _FailedBeforeCommitError(error) from error
+        if committed is None or not (isinstance(error, DBAPIError) and error.connection_invalidated):
             raise DatabaseError(
                 f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
             ) from error
+        if committed(result):
+            return result
         raise _FailedBeforeCommitError(error) from error
+
+
+def _known_rolled_back(error: SQLAlchemyError) -> bool:
+    return getattr(getattr(error, "orig", None), "pgcode", None) in TRANSIENT_SQLSTATES
+
+
+def postgresql_transaction_committed(connection: DatabaseConnection, transaction_id: str, server_started: str) -> bool:
+    """Whether the PostgreSQL transaction `transaction_id` (pg_current_xact_id()) committed.
+
+    `server_started` is pg_postmaster_start_time() as seen by that transaction. After a server restart the
+    answer is not trustworthy (a crash can hand an unflushed transaction's id to a new one), so the outcome
+    is reported as unknown instead.
+    """
+    query = text("SELECT pg_xact_status(CAST(:xid AS xid8)), CAST(pg_postmaster_start_time() AS text)")
+    for _ in range(STATUS_POLLS):
+        status, started = run_in_transaction(
+            connection,
+            lambda session: tuple(session.execute(query, {"xid": transaction_id}).one()),
+            "check a commit",
+            redo_safe=True,
+        )
+        if started != server_started:
+            break
+        if status in ("committed", "aborted"):
+            return bool(status == "committed")
+        if status is None:
+            break
+        time.sleep(STATUS_POLL_SECONDS)  # still in progress: its COMMIT is being written
+    raise DatabaseError(
+        f"the commit of transaction {transaction_id} was cut off and its outcome is unknown "
+        "(the server restarted meanwhile)"
+    )

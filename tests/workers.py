@@ -17,3 +17,77 @@ def add_statistics_fresh(url: str, task_uuid: str, rounds: int) -> None:
     DatabaseConnection.initialize(DatabaseConfig(url=url))
     add_statistics_inherited(task_uuid, rounds)
     DatabaseConnection.reset()
+
+
+def hammer(url: str, retry_timeout: float, seconds: float, out: str) -> None:
+    """Register tasks and add to them for `seconds`, recording exactly which calls reported success."""
+    import json
+    import time
+    import uuid
+
+    from db import DatabaseError
+
+    DatabaseConnection.initialize(DatabaseConfig(url=url, retry_timeout=retry_timeout, connect_timeout=3))
+    repository = TaskRepository()
+    successes: dict[str, int] = {}
+    failures = 0
+    unknown = 0
+    longest = 0.0
+    last_success = 0.0
+    deadline = time.monotonic() + seconds
+    calls = 0
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            if calls % 25 == 0:
+                key = str(uuid.uuid4())
+                repository.create(
+                    {
+                        "uuid": key,
+                        "task_source": "github",
+                        "owner": "o",
+                        "repo": "r",
+                        "task_type": "issue",
+                        "task_id": str(calls),
+                    }
+                )
+                successes[key] = 0
+            else:
+                key = list(successes)[calls % len(successes)]
+                if repository.update_statistics(key, llm_calls=1, tokens=3):
+                    successes[key] += 1
+            last_success = time.time()
+        except DatabaseError as exc:
+            failures += 1
+            unknown += "outcome is unknown" in str(exc)
+        longest = max(longest, time.monotonic() - started)
+        calls += 1
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump(
+            {
+                "successes": successes,
+                "failures": failures,
+                "unknown": unknown,
+                "longest": longest,
+                "last_success": last_success,
+            },
+            handle,
+        )
+    DatabaseConnection.reset()
+
+
+def write_concurrently(path: str, task_uuid: str, rounds: int) -> None:
+    """One of many agent processes writing to the same SQLite file."""
+    import uuid
+
+    DatabaseConnection.initialize(DatabaseConfig(sqlite_path=path))
+    repository = TaskRepository()
+    mine = str(uuid.uuid4())
+    repository.create(
+        {"uuid": mine, "task_source": "gitlab", "owner": "", "repo": "7", "task_type": "issue", "task_id": "1"}
+    )
+    for _ in range(rounds):
+        assert repository.update_statistics(task_uuid, llm_calls=1, tool_calls=1, tokens=10)
+        assert repository.update_statistics(mine, tokens=1)
+    assert repository.complete(mine)
+    DatabaseConnection.reset()

@@ -7,7 +7,21 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import BigInteger, ColumnElement, Result, and_, case, cast, delete, func, literal, select, true, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Result,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -15,7 +29,7 @@ from db.connection import DatabaseConnection
 from db.errors import TaskAlreadyExistsError
 from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus, utcnow
 from db.models.types import UTCDateTime, canonical_uuid
-from db.unit_of_work import run_in_transaction
+from db.unit_of_work import postgresql_transaction_committed, run_in_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +76,9 @@ class TaskRepository:
             return task
 
         try:
-            run_in_transaction(self._connection, work, "create task")
+            run_in_transaction(
+                self._connection, work, "create task", committed=lambda _: self.get_by_uuid(task.uuid) is not None
+            )
         except IntegrityError:
             if self.get_by_uuid(task.uuid) is not None:
                 raise TaskAlreadyExistsError(f"task {task.uuid} already exists") from None
@@ -73,7 +89,7 @@ class TaskRepository:
     def get_by_uuid(self, uuid: str) -> Task | None:
         """The task with this uuid, or None."""
         key = canonical_uuid(uuid)
-        task = run_in_transaction(self._connection, lambda session: session.get(Task, key), "get task")
+        task = run_in_transaction(self._connection, lambda session: session.get(Task, key), "get task", redo_safe=True)
         if task is None:
             logger.debug("task %s not found", key)
         return task
@@ -96,7 +112,7 @@ class TaskRepository:
                     setattr(task, name, value)
             return task
 
-        task = run_in_transaction(self._connection, work, "update task")
+        task = run_in_transaction(self._connection, work, "update task", redo_safe=True)
         if task is None:
             logger.warning("update: task %s does not exist", key)
         else:
@@ -132,7 +148,7 @@ class TaskRepository:
                 values[name] = column + amount
                 # BigInteger: the sum itself must not overflow INTEGER while it is being checked.
                 guards.append(cast(column, BigInteger) + amount <= INT_MAX)
-        found = self._update_row(key, values, "update_statistics", guard=and_(*guards) if guards else None)
+        found = self._add_to_counters(key, values, and_(*guards) if guards else None)
         if not found and guards and self.get_by_uuid(key) is not None:
             raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
         return self._report(found, "update_statistics", key)
@@ -211,28 +227,54 @@ class TaskRepository:
         key = canonical_uuid(uuid)
         statement = delete(Task).where(Task.uuid == key)
         deleted = run_in_transaction(
-            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, "delete task"
+            self._connection,
+            lambda session: _rowcount(session.execute(statement)) > 0,
+            "delete task",
+            committed=lambda found: not found or self.get_by_uuid(key) is None,
         )
         return self._report(deleted, "delete", key)
 
     def count_by_status(self) -> dict[str, int]:
         """Number of tasks in each status, every status listed."""
         statement = select(Task.status, func.count()).group_by(Task.status)
-        rows = run_in_transaction(self._connection, lambda session: session.execute(statement).all(), "count tasks")
+        rows = run_in_transaction(
+            self._connection, lambda session: session.execute(statement).all(), "count tasks", redo_safe=True
+        )
         counts = dict.fromkeys((status.value for status in TaskStatus), 0)
         counts.update({status: int(count) for status, count in rows})
         return counts
 
-    def _update_row(
-        self, key: str, values: Mapping[str, Any], operation: str, guard: ColumnElement[bool] | None = None
-    ) -> bool:
+    def _update_row(self, key: str, values: Mapping[str, Any], operation: str) -> bool:
+        """Set values on one row: doing it twice leaves what doing it once does, so it is always redone."""
         # A Core UPDATE does not fire onupdate: updated_at is set here.
+        statement = update(Task).where(Task.uuid == key).values({**values, "updated_at": utcnow()})
+        return run_in_transaction(
+            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation, redo_safe=True
+        )
+
+    def _add_to_counters(self, key: str, values: Mapping[str, Any], guard: ColumnElement[bool] | None) -> bool:
+        """Add to counters: never redone once it may have committed. On PostgreSQL the transaction id comes
+        back with the UPDATE (no extra round trip), so a COMMIT whose answer was lost can be looked up."""
         condition = Task.uuid == key if guard is None else and_(Task.uuid == key, guard)
         statement = update(Task).where(condition).values({**values, "updated_at": utcnow()})
-
-        return run_in_transaction(
-            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation
+        if self._connection.config.backend != "postgresql":
+            found = run_in_transaction(
+                self._connection, lambda session: _rowcount(session.execute(statement)) > 0, "update_statistics"
+            )
+            return found
+        returning: Any = statement.returning(
+            literal_column("pg_current_xact_id()::text"), literal_column("pg_postmaster_start_time()::text")
         )
+
+        def work(session: Session) -> tuple[str, str] | None:
+            row = session.execute(returning).first()
+            return None if row is None else (str(row[0]), str(row[1]))
+
+        def committed(outcome: tuple[str, str] | None) -> bool:
+            return outcome is not None and postgresql_transaction_committed(self._connection, *outcome)
+
+        outcome = run_in_transaction(self._connection, work, "update_statistics", committed=committed)
+        return outcome is not None
 
     @staticmethod
     def _report(found: bool, operation: str, key: str) -> bool:
@@ -254,4 +296,6 @@ class TaskRepository:
                 allowed = f"{low}..{high}" if high else f">= {low}"
                 raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
         statement = select(Task).where(condition).order_by(*order).limit(limit).offset(offset)
-        return run_in_transaction(self._connection, lambda session: list(session.scalars(statement)), "list tasks")
+        return run_in_transaction(
+            self._connection, lambda session: list(session.scalars(statement)), "list tasks", redo_safe=True
+        )

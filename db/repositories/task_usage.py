@@ -106,7 +106,9 @@ class TaskUsageQuery:
             .where(_user_condition(user))
             .group_by(Task.user)
         )
-        rows = run_in_transaction(self._connection, lambda session: session.execute(statement).all(), "usage")
+        rows = run_in_transaction(
+            self._connection, lambda session: session.execute(statement).all(), "usage", redo_safe=True
+        )
         usages = [UserUsage(row[0], *(int(value) for value in row[1:])) for row in rows]
         return sorted(usages, key=lambda usage: (-usage.month, -usage.total, usage.user or ""))
 
@@ -139,7 +141,7 @@ class TaskUsageQuery:
                 sums[bisect.bisect_right(starts, created_at) - 1] += tokens
             return sums
 
-        sums = run_in_transaction(self._connection, work, "daily usage")
+        sums = run_in_transaction(self._connection, work, "daily usage", redo_safe=True)
         return [DailyUsage(day, tokens) for day, tokens in zip(calendar, sums, strict=True)]
 
 
