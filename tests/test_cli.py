@@ -46,7 +46,7 @@ def test_start_up_twice_on_a_fresh_directory(tmp_path: Path) -> None:
     first = run(tmp_path)
     assert first.returncode == 0, first.stderr
     assert "backend:     sqlite" in first.stdout
-    assert "schema:      0001" in first.stdout
+    assert "schema:      0002" in first.stdout
     assert "running 0, completed 0, failed 0, stopped 0" in first.stdout
     database = tmp_path / "contexts" / "tasks.db"
     assert database.exists()
@@ -61,7 +61,7 @@ def test_start_up_adopts_a_legacy_file_and_says_where_the_backup_is(tmp_path: Pa
     write_legacy_db(tmp_path / "contexts" / "tasks.db", rows=100, seed=5)
     result = run(tmp_path)
     assert result.returncode == 0, result.stderr
-    backups = list((tmp_path / "contexts").glob("tasks.before-0001-*.db"))
+    backups = list((tmp_path / "contexts").glob("tasks.before-*.db"))
     assert len(backups) == 1 and str(backups[0].name) in result.stderr
     counts = result.stdout.split("tasks:")[1]
     assert sum(int(part.split()[1]) for part in counts.split(",")) == 100
@@ -72,11 +72,11 @@ def test_production_refuses_to_start_before_migrations(tmp_path: Path) -> None:
     assert_one_line_error(result, "python main.py db upgrade")
     assert run(tmp_path, "db", "check").returncode == 1
     upgraded = run(tmp_path, "db", "upgrade", APP_ENV="production")
-    assert upgraded.returncode == 0 and "schema upgraded: empty -> 0001" in upgraded.stdout
-    assert "schema already at head: 0001" in run(tmp_path, "db", "upgrade").stdout
+    assert upgraded.returncode == 0 and "schema upgraded: empty -> 0002" in upgraded.stdout
+    assert "schema already at head: 0002" in run(tmp_path, "db", "upgrade").stdout
     assert run(tmp_path, APP_ENV="production").returncode == 0
     current = run(tmp_path, "db", "current")
-    assert "current: 0001" in current.stdout and "head:    0001" in current.stdout
+    assert "current: 0002" in current.stdout and "head:    0002" in current.stdout
     check = run(tmp_path, "db", "check")
     assert check.returncode == 0
     assert "journal_mode=wal" in check.stdout and "busy_timeout=30000ms" in check.stdout

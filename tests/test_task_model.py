@@ -19,6 +19,8 @@ EXPECTED_INDEXES = {
     "ix_tasks_created_at": ["created_at"],
     "ix_tasks_user": ["user"],
     "ix_tasks_task_source_owner_repo": ["task_source", "owner", "repo"],
+    "ix_tasks_status_created_at": ["status", "created_at"],
+    "ix_tasks_user_created_at": ["user", "created_at"],
 }
 DESIGN_COLUMNS = [
     "uuid",

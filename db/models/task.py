@@ -47,6 +47,9 @@ class Task(TimestampMixin, Base):
     __table_args__ = (
         Index(None, "created_at"),
         Index(None, "task_source", "owner", "repo"),
+        # The listings: one status or one user, newest first (migration 0002).
+        Index(None, "status", "created_at"),
+        Index(None, "user", "created_at"),
     )
 
     uuid: Mapped[str] = mapped_column(UUIDString(), primary_key=True)
