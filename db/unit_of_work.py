@@ -8,9 +8,10 @@ PostgreSQL, the transaction's id asked of `pg_xact_status`), and redone only if 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
@@ -19,6 +20,8 @@ from tenacity import Retrying, retry_if_exception
 
 from db.connection import DatabaseConnection, describe_driver_error, retry_policy
 from db.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -62,6 +65,13 @@ def run_in_transaction(
     after a COMMIT whose answer was lost, whether it took effect. With neither, such a failure is raised as a
     `DatabaseError` saying the outcome is unknown. `IntegrityError` is left to the caller to interpret.
     """
+    try:
+        # The common case pays for no retry machinery: it is set up after a first transient failure.
+        return _run_once(connection, work, redo_safe, committed)
+    except _FailedBeforeCommitError as failure:
+        if not _is_transient(failure):
+            _raise_failure(failure, description)
+        logger.warning("%s: failed (%s); retrying", description, describe_driver_error(failure))
     retrying = Retrying(
         retry=retry_if_exception(_is_transient),
         **retry_policy(connection.config.retry_timeout, 0.05, 2, description),
@@ -71,11 +81,15 @@ def run_in_transaction(
             with attempt:
                 return _run_once(connection, work, redo_safe, committed)
     except _FailedBeforeCommitError as failure:
-        error = failure.error
-        if isinstance(error, IntegrityError):
-            raise error from None
-        raise DatabaseError(f"{description} failed: {describe_driver_error(error)}") from error
+        _raise_failure(failure, description)
     raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+def _raise_failure(failure: _FailedBeforeCommitError, description: str) -> NoReturn:
+    error = failure.error
+    if isinstance(error, IntegrityError):
+        raise error from None
+    raise DatabaseError(f"{description} failed: {describe_driver_error(error)}") from error
 
 
 def _run_once(

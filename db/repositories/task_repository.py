@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -10,8 +11,11 @@ from typing import Any, Protocol
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Integer,
     Result,
+    Table,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -44,6 +48,32 @@ class TaskKeyLike(Protocol):
     """What identifies a task's issue or merge request: the context_storage task keys have this."""
 
     def task_fields(self) -> Mapping[str, str]: ...
+
+
+_BY_UUID = select(Task).where(Task.uuid == bindparam("key"))
+
+
+@functools.cache
+def _counter_update(added: tuple[str, ...], postgresql: bool) -> Any:
+    """`UPDATE tasks SET col = col + :add_col ... WHERE uuid = :key` for the counters in `added`, built once.
+
+    Core, not ORM: nothing in a session needs synchronising, and a statement built once skips the per-call
+    construction and cache-key work. Each counter is guarded so that INTEGER cannot overflow (the guard adds
+    in BIGINT); a refused increment matches no row.
+    """
+    table: Table = Task.__table__  # type: ignore[assignment]
+    values: dict[str, Any] = {"updated_at": bindparam("now", type_=UTCDateTime())}
+    guards: list[ColumnElement[bool]] = [table.c.uuid == bindparam("key")]
+    for name in added:
+        amount = bindparam(f"add_{name}", type_=Integer())
+        values[name] = table.c[name] + amount
+        guards.append(cast(table.c[name], BigInteger) + amount <= INT_MAX)
+    statement = update(table).where(*guards).values(values)
+    if postgresql:
+        return statement.returning(
+            literal_column("pg_current_xact_id()::text"), literal_column("pg_postmaster_start_time()::text")
+        )
+    return statement
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -89,7 +119,12 @@ class TaskRepository:
     def get_by_uuid(self, uuid: str) -> Task | None:
         """The task with this uuid, or None."""
         key = canonical_uuid(uuid)
-        task = run_in_transaction(self._connection, lambda session: session.get(Task, key), "get task", redo_safe=True)
+        task = run_in_transaction(
+            self._connection,
+            lambda session: session.scalars(_BY_UUID, {"key": key}).first(),
+            "get task",
+            redo_safe=True,
+        )
         if task is None:
             logger.debug("task %s not found", key)
         return task
@@ -140,16 +175,10 @@ class TaskRepository:
         for name, amount in amounts.items():
             if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= INT_MAX:
                 raise ValueError(f"{name} increment must be an integer in 0..{INT_MAX}, got {amount!r}")
-        values: dict[str, Any] = {}
-        guards: list[ColumnElement[bool]] = []
-        for name, amount in amounts.items():
-            if amount:
-                column = getattr(Task, name)
-                values[name] = column + amount
-                # BigInteger: the sum itself must not overflow INTEGER while it is being checked.
-                guards.append(cast(column, BigInteger) + amount <= INT_MAX)
-        found = self._add_to_counters(key, values, and_(*guards) if guards else None)
-        if not found and guards and self.get_by_uuid(key) is not None:
+        added = tuple(name for name, amount in amounts.items() if amount)
+        parameters = {"key": key, "now": utcnow(), **{f"add_{name}": amounts[name] for name in added}}
+        found = self._add_to_counters(added, parameters)
+        if not found and added and self.get_by_uuid(key) is not None:
             raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
         return self._report(found, "update_statistics", key)
 
@@ -252,22 +281,21 @@ class TaskRepository:
             self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation, redo_safe=True
         )
 
-    def _add_to_counters(self, key: str, values: Mapping[str, Any], guard: ColumnElement[bool] | None) -> bool:
+    def _add_to_counters(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
         """Add to counters: never redone once it may have committed. On PostgreSQL the transaction id comes
         back with the UPDATE (no extra round trip), so a COMMIT whose answer was lost can be looked up."""
-        condition = Task.uuid == key if guard is None else and_(Task.uuid == key, guard)
-        statement = update(Task).where(condition).values({**values, "updated_at": utcnow()})
-        if self._connection.config.backend != "postgresql":
+        postgresql = self._connection.config.backend == "postgresql"
+        statement = _counter_update(added, postgresql)
+        if not postgresql:
             found = run_in_transaction(
-                self._connection, lambda session: _rowcount(session.execute(statement)) > 0, "update_statistics"
+                self._connection,
+                lambda session: _rowcount(session.execute(statement, parameters)) > 0,
+                "update_statistics",
             )
             return found
-        returning: Any = statement.returning(
-            literal_column("pg_current_xact_id()::text"), literal_column("pg_postmaster_start_time()::text")
-        )
 
         def work(session: Session) -> tuple[str, str] | None:
-            row = session.execute(returning).first()
+            row = session.execute(statement, parameters).first()
             return None if row is None else (str(row[0]), str(row[1]))
 
         def committed(outcome: tuple[str, str] | None) -> bool:
