@@ -198,10 +198,10 @@ def scale_curve(server: PostgresServer, sizes: list[int]) -> None:
             f"{rows:>9,} rows  get_by_uuid {get_p50:6.2f} / {get_p95:6.2f}   "
             f"list_by_status(limit=50) {list_p50:6.2f} / {list_p95:6.2f}"
         )
-        print(f"{'':>16}{plan(connection, f'SELECT * FROM tasks WHERE uuid = {chr(39)}{keys[0]}{chr(39)}')}")
-        print(
-            f"{'':>16}{plan(connection, 'SELECT * FROM tasks WHERE status = ' + chr(39) + 'running' + chr(39) + ' ORDER BY created_at DESC, uuid LIMIT 50')}"
-        )
+        by_uuid = f"SELECT * FROM tasks WHERE uuid = '{keys[0]}'"
+        by_status = "SELECT * FROM tasks WHERE status = 'running' ORDER BY created_at DESC, uuid LIMIT 50"
+        print(f"{'':>16}plan: {plan(connection, by_uuid)}")
+        print(f"{'':>16}plan: {plan(connection, by_status)}")
     DatabaseConnection.reset()
 
 
