@@ -28,9 +28,9 @@ TIMED = ("create", "update", "update_status", "update_statistics", "complete", "
 STATISTICS_PER_TASK = 5
 
 
-def agent(index: int, config: dict[str, Any], tasks: int, out: str) -> None:
+def agent(index: int, config: dict[str, Any], url: str, tasks: int, out: str) -> None:
     """One agent process: `tasks` life cycles, timing every repository call."""
-    connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env={}))
+    connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env={"DATABASE_URL": url}))
     repository = TaskRepository(connection)
     timings: dict[str, list[float]] = defaultdict(list)
     for name in TIMED:
@@ -107,9 +107,9 @@ def run_agents(url: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
             config = {
                 "context_storage": {"base_dir": str(Path(workdir) / f"contexts-{index}")},
                 "llm": {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}},
-                "database": {"url": url, "pool": {"size": args.pool_size, "max_overflow": args.max_overflow}},
+                "database": {"pool": {"size": args.pool_size, "max_overflow": args.max_overflow}},
             }
-            process = context.Process(target=agent, args=(index, config, args.tasks, str(out)))
+            process = context.Process(target=agent, args=(index, config, url, args.tasks, str(out)))
             process.start()
             processes.append(process)
         for process in processes:
