@@ -31,6 +31,20 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
+@pytest.fixture
+def own_cluster() -> Iterator[PostgresServer]:
+    """A throwaway cluster of the test's own, which it may stop, restart or crash."""
+    try:
+        server = start_postgres(need_cluster=True)
+    except PostgresUnavailableError as exc:
+        pytest.fail(f"this test needs its own PostgreSQL cluster and none could be started: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        DatabaseConnection.reset()
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def postgres_url(postgres_server: PostgresServer) -> URL:
     """URL of a database reserved for the test session (created afresh unless TEST_DATABASE_URL names one)."""

@@ -6,10 +6,8 @@ import json
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -18,33 +16,19 @@ from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.schema import upgrade_schema
 from db.unit_of_work import run_in_transaction
 from tests.conftest import task_data, url_config
-from tests.postgres_server import PostgresServer, start_postgres
+from tests.postgres_server import PostgresServer
 from tests.workers import hammer, write_concurrently
 
 RETRY_TIMEOUT = 6.0
 
 
-@pytest.fixture
-def own_cluster() -> Iterator[PostgresServer]:
-    """A cluster of this test's own, so that it may be restarted."""
-    server = start_postgres(need_cluster=True)
-    try:
-        server.execute_admin("CREATE DATABASE faults")
-        DatabaseConnection.initialize(
-            DatabaseConfig(url=server.database_url("faults").render_as_string(hide_password=False))
-        )
-        upgrade_schema(DatabaseConnection.get_instance())
-        DatabaseConnection.reset()
-        yield server
-    finally:
-        DatabaseConnection.reset()
-        server.stop()
-
-
 def test_restarts_under_load_lose_nothing_and_count_nothing_twice(own_cluster: PostgresServer, tmp_path: Path) -> None:
     cluster = own_cluster.cluster
     assert cluster is not None
+    own_cluster.execute_admin("CREATE DATABASE faults")
     url = own_cluster.database_url("faults").render_as_string(hide_password=False)
+    upgrade_schema(DatabaseConnection.initialize(DatabaseConfig(url=url)))
+    DatabaseConnection.reset()
     workers, seconds = 4, 12.0
     context = multiprocessing.get_context("spawn")
     outputs = [tmp_path / f"worker-{index}.json" for index in range(workers)]

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from context_storage import (
 )
 from db import DatabaseConnection, Task, TaskRepository
 from db.startup import start_database
-from tests.postgres_server import PostgresServer, start_postgres
+from tests.postgres_server import PostgresServer
 
 LLM = {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}}
 
@@ -138,16 +137,6 @@ def test_an_injected_repository_is_used(agent_config: dict[str, Any]) -> None:
     manager.complete()
     task = repository.get_by_uuid(manager.uuid)
     assert task is not None and task.status == "completed"
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PostgresServer]:
-    server = start_postgres(need_cluster=True)
-    try:
-        yield server
-    finally:
-        DatabaseConnection.reset()
-        server.stop()
 
 
 def test_statistics_survive_a_database_outage(own_cluster: PostgresServer, tmp_path: Path) -> None:
