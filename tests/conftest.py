@@ -18,31 +18,29 @@ BACKENDS = ("sqlite-memory", "sqlite-file", "postgresql")
 TEST_DATABASE = "agent_test"
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL server for the whole session; its absence fails the tests, never skips them."""
+def _running_postgres(*, need_cluster: bool) -> Iterator[PostgresServer]:
+    # A missing server fails the tests that need it, loudly: they are never skipped.
     try:
-        server = start_postgres()
+        server = start_postgres(need_cluster=need_cluster)
     except PostgresUnavailableError as exc:
         pytest.fail(f"PostgreSQL tests need a server and none could be had: {exc}", pytrace=False)
     try:
         yield server
     finally:
+        DatabaseConnection.reset()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session."""
+    yield from _running_postgres(need_cluster=False)
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[PostgresServer]:
     """A throwaway cluster of the test's own, which it may stop, restart or crash."""
-    try:
-        server = start_postgres(need_cluster=True)
-    except PostgresUnavailableError as exc:
-        pytest.fail(f"this test needs its own PostgreSQL cluster and none could be started: {exc}", pytrace=False)
-    try:
-        yield server
-    finally:
-        DatabaseConnection.reset()
-        server.stop()
+    yield from _running_postgres(need_cluster=True)
 
 
 @pytest.fixture(scope="session")
