@@ -29,10 +29,11 @@ def test_restarts_under_load_lose_nothing_and_count_nothing_twice(own_cluster: P
     url = own_cluster.database_url("faults").render_as_string(hide_password=False)
     upgrade_schema(DatabaseConnection.initialize(DatabaseConfig(url=url)))
     DatabaseConnection.reset()
-    workers, seconds = 4, 12.0
+    workers = 4
+    stop = tmp_path / "stop"
     context = multiprocessing.get_context("spawn")
     outputs = [tmp_path / f"worker-{index}.json" for index in range(workers)]
-    processes = [context.Process(target=hammer, args=(url, RETRY_TIMEOUT, seconds, str(out))) for out in outputs]
+    processes = [context.Process(target=hammer, args=(url, RETRY_TIMEOUT, str(stop), str(out))) for out in outputs]
     for process in processes:
         process.start()
     time.sleep(3.5)
@@ -40,8 +41,10 @@ def test_restarts_under_load_lose_nothing_and_count_nothing_twice(own_cluster: P
     time.sleep(3.0)
     cluster.restart("immediate")
     restarted = time.time()
+    time.sleep(3.0)  # the workers must show they recovered
+    stop.touch()
     for process in processes:
-        process.join(timeout=seconds + 120)
+        process.join(timeout=120)
     assert [process.exitcode for process in processes] == [0] * workers
 
     results = [json.loads(out.read_text(encoding="utf-8")) for out in outputs]

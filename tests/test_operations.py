@@ -140,9 +140,10 @@ def test_slow_queries_are_logged_without_parameters(
                 "SELECT count(*), :value FROM n"
             )
         session.execute(text(slow).bindparams(bindparam("value", secret)))
-    records = [record for record in caplog.records if record.name == "db.slow_query"]
-    assert len(records) == 1
-    message = records[0].getMessage()
+    records = [record.getMessage() for record in caplog.records if record.name == "db.slow_query"]
+    slow_ones = [message for message in records if "pg_sleep" in message or "RECURSIVE" in message]
+    assert len(slow_ones) == 1, records
+    message = slow_ones[0]
     assert message.startswith("slow query (") and " ms): " in message
     assert "SELECT" in message
     assert secret not in caplog.text

@@ -19,8 +19,8 @@ def add_statistics_fresh(url: str, task_uuid: str, rounds: int) -> None:
     DatabaseConnection.reset()
 
 
-def hammer(url: str, retry_timeout: float, seconds: float, out: str) -> None:
-    """Register tasks and add to them for `seconds`, recording exactly which calls reported success."""
+def hammer(url: str, retry_timeout: float, stop_file: str, out: str) -> None:
+    """Register tasks and add to them until `stop_file` appears, recording exactly which calls reported success."""
     import json
     import time
     import uuid
@@ -34,9 +34,12 @@ def hammer(url: str, retry_timeout: float, seconds: float, out: str) -> None:
     unknown = 0
     longest = 0.0
     last_success = 0.0
-    deadline = time.monotonic() + seconds
+    from pathlib import Path
+
+    stop = Path(stop_file)
+    deadline = time.monotonic() + 300  # a bound in case the test dies before it says stop
     calls = 0
-    while time.monotonic() < deadline:
+    while not stop.exists() and time.monotonic() < deadline:
         started = time.monotonic()
         try:
             if calls % 25 == 0:
