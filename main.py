@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeAlias
 
 from tqdm import tqdm
 
@@ -352,34 +353,54 @@ def _positive_limit(text: str) -> int:
     return value
 
 
+Handler = Callable[[argparse.Namespace], int]
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class _CommandTree:
+    """Groups (`db`, `tasks`, ...) of commands, remembered for the overview at the end of --help."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.groups = parser.add_subparsers(title="commands", metavar="COMMAND")
+        self.listed: list[tuple[str, str]] = []
+
+    def group(self, name: str, help_text: str) -> SubParsers:
+        sub = self.groups.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=lambda _args: _usage(sub))
+        return sub.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(self, group: SubParsers, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        self.listed.append((sub.prog.removeprefix("main.py "), help_text))
+        return sub
+
+    def overview(self) -> str:
+        width = max(len(name) for name, _ in self.listed)
+        lines = (f"  {name:<{width}}  {help_text}" for name, help_text in self.listed)
+        return "every command (each has --help):\n" + "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default=None, help="config.yaml to read (default: ./config.yaml if present)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.set_defaults(handler=cmd_status)
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    tree = _CommandTree(parser)
+    config = tree.group("config", "inspect the configuration")
+    tree.command(config, "show", cmd_config_show, "every effective database setting and where it came from")
+    _add_db_commands(tree)
+    _add_tasks_commands(tree)
+    parser.epilog = tree.overview()
+    return parser
 
-    def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=lambda _args: _usage(sub))
-        return sub.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(
-        group_: argparse._SubParsersAction[argparse.ArgumentParser],
-        name: str,
-        handler: Callable[[argparse.Namespace], int],
-        help_text: str,
-    ) -> argparse.ArgumentParser:
-        sub = group_.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        return sub
-
-    config = group("config", "inspect the configuration")
-    command(config, "show", cmd_config_show, "every effective database setting and where it came from")
-    database = group("db", "schema and database operations")
-    command(database, "upgrade", cmd_db_upgrade, "apply migrations up to head (a SQLite file is backed up first)")
-    command(database, "current", cmd_db_current, "print the schema revision and the head revision")
-    migrate = command(
+def _add_db_commands(tree: _CommandTree) -> None:
+    database = tree.group("db", "schema and database operations")
+    tree.command(database, "upgrade", cmd_db_upgrade, "apply migrations up to head (a SQLite file is backed up first)")
+    tree.command(database, "current", cmd_db_current, "print the schema revision and the head revision")
+    migrate = tree.command(
         database,
         "migrate-data",
         cmd_db_migrate_data,
@@ -390,40 +411,42 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--overwrite", action="store_true", help="replace tasks whose uuid is already present")
     migrate.add_argument("--batch-size", type=int, default=10_000, help="rows per batch (default 10000)")
     migrate.add_argument("--quiet", action="store_true", help="no progress bar")
-    backup = command(database, "backup", cmd_db_backup, "write a backup: pg_dump custom format, or a SQLite copy")
+    backup = tree.command(database, "backup", cmd_db_backup, "write a backup: pg_dump custom format, or a SQLite copy")
     backup.add_argument("--output", required=True, metavar="FILE", help="new file to write")
-    restore = command(database, "restore", cmd_db_restore, "replace the database's tables by a backup's")
+    restore = tree.command(database, "restore", cmd_db_restore, "replace the database's tables by a backup's")
     restore.add_argument("backup", metavar="FILE")
     restore.add_argument("--yes", action="store_true", help="confirm that the current tasks are replaced")
-    stats = command(database, "stats", cmd_db_stats, "connections, transactions, deadlocks, query times, sizes")
+    stats = tree.command(database, "stats", cmd_db_stats, "connections, transactions, deadlocks, query times, sizes")
     stats.add_argument("--json", action="store_true", help="print JSON")
-    command(
+    tree.command(
         database,
         "check",
         cmd_db_check,
         "exit 0 only when the database answers and its schema is at head (for health checks)",
     )
-    tasks = group("tasks", "read the tasks table")
-    listing = command(tasks, "list", cmd_tasks_list, "list tasks, newest first")
+
+
+def _add_tasks_commands(tree: _CommandTree) -> None:
+    tasks = tree.group("tasks", "read the tasks table")
+    listing = tree.command(tasks, "list", cmd_tasks_list, "list tasks, newest first")
     listing.add_argument("--status", help="running, completed, failed or stopped")
     listing.add_argument("--user", help="only this user's tasks")
     listing.add_argument("--limit", type=_positive_limit, default=50, help="at most this many (1..1000, default 50)")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    show = command(tasks, "show", cmd_tasks_show, "show one task")
+    show = tree.command(tasks, "show", cmd_tasks_show, "show one task")
     show.add_argument("uuid")
     show.add_argument("--json", action="store_true", help="print JSON")
-    usage = command(tasks, "usage", cmd_tasks_usage, "tokens per user: today, this week, this month, all time")
+    usage = tree.command(tasks, "usage", cmd_tasks_usage, "tokens per user: today, this week, this month, all time")
     usage.add_argument("--user", help="only this user, with a per-day chart")
     usage.add_argument("--days", type=_days, default=14, help="days in the per-day chart (default 14)")
     usage.add_argument("--tz", default="UTC", help="time zone of the calendar days, e.g. Asia/Tokyo (default UTC)")
     usage.add_argument("--json", action="store_true", help="print JSON")
-    history = command(tasks, "history", cmd_tasks_history, "earlier runs of an issue or merge request")
+    history = tree.command(tasks, "history", cmd_tasks_history, "earlier runs of an issue or merge request")
     history.add_argument("reference", help="OWNER/REPO#NUMBER, PROJECT!IID or gitlab:PROJECT#IID")
     history.add_argument("--days", type=_days, default=None, help="only runs completed in the last N days")
     history.add_argument("--all", action="store_true", help="every status, not only completed and stopped runs")
     history.add_argument("--limit", type=_positive_limit, default=20, help="at most this many (default 20)")
     history.add_argument("--json", action="store_true", help="print JSON")
-    return parser
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -147,6 +147,25 @@ def test_unreachable_server_ends_with_one_line_and_no_password(tmp_path: Path) -
     assert "hunter2" not in result.stdout + result.stderr
 
 
+def test_top_level_help_lists_every_command(tmp_path: Path) -> None:
+    overview = run(tmp_path, "--help").stdout.split("every command (each has --help):")[1]
+    for command in (
+        "config show",
+        "db upgrade",
+        "db current",
+        "db check",
+        "db migrate-data",
+        "db backup",
+        "db restore",
+        "db stats",
+        "tasks list",
+        "tasks show",
+        "tasks usage",
+        "tasks history",
+    ):
+        assert f"  {command} " in overview
+
+
 @pytest.mark.parametrize(
     "command",
     [
