@@ -63,7 +63,7 @@ DEFAULT_BASE_DIR = "contexts"
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Connection pool sizing (design §2.2.2); used for server databases only."""
+    """Connection pool sizing; used for server databases only."""
 
     size: int = 5
     max_overflow: int = 10

@@ -69,7 +69,7 @@ def _create_engine(config: DatabaseConfig) -> Engine:
         if url.get_driver_name() == "psycopg2":
             connect_args = {"connect_timeout": config.connect_timeout, "application_name": APPLICATION_NAME}
         # No pre-ping: a connection the server dropped is retried once by the repository instead, which
-        # costs nothing on the common path (design §9, contract: db.connection).
+        # costs nothing on the common path.
         return create_engine(
             url,
             echo=config.echo,

@@ -1,4 +1,4 @@
-"""Monitoring figures (design §7.2): connections, transactions, deadlocks, query times, table size."""
+"""Monitoring figures: connections, transactions, deadlocks, query times, table size."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `tasks` table: one row per agent task (design §2.3.2)."""
+"""The `tasks` table: one row per agent task."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TaskRepository: every read and write of the `tasks` table (design §2.4.1)."""
+"""TaskRepository: every read and write of the `tasks` table."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Indexes that serve the listings: newest tasks of a status, newest tasks of a user.
 
 `list_by_status` and `list_by_user` filter on one column and sort by created_at; with these the database
-reads just the page asked for instead of sorting every matching row (design §9: index optimisation).
+reads just the page asked for instead of sorting every matching row.
 
 Revision ID: 0002
 Revises: 0001
