@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,8 @@ from db.startup import start_database
 logger = logging.getLogger(__name__)
 
 STATISTICS = ("llm_calls", "tool_calls", "tokens", "compressions")
+# After a failed database start, writes keep their statistics in memory for this long before trying again.
+START_AGAIN_AFTER_SECONDS = 60.0
 
 
 class TaskContextManager:
@@ -59,6 +62,7 @@ class TaskContextManager:
         self._repository = repository
         self._pending = dict.fromkeys(STATISTICS, 0)
         self._registered = False
+        self._start_again_at = 0.0
         self._write_metadata()
         self._take_unsaved_statistics()
         self._register_or_update_task()
@@ -142,7 +146,7 @@ class TaskContextManager:
         temporary.write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
         os.replace(temporary, path)
 
-    def _register_or_update_task(self) -> None:
+    def _register_or_update_task(self, force: bool = False) -> None:
         now = datetime.now(UTC)
         resumed = {
             "status": "running",
@@ -169,15 +173,18 @@ class TaskContextManager:
             except TaskAlreadyExistsError:
                 repo.update(self.uuid, resumed)
 
-        repository = self._repository_or_none()
+        repository = self._repository_or_none(force)
         if repository is not None and self._attempt("register", lambda: register(repository)):
             self._registered = True
 
-    def _write(self, operation: str, action: Callable[[TaskRepository], object] | None) -> bool:
-        """Register if that is still pending, write pending statistics, then do `action`; True if all landed."""
+    def _write(self, operation: str, action: Callable[[TaskRepository], object] | None, *, force: bool = False) -> bool:
+        """Register if that is still pending, write pending statistics, then do `action`; True if all landed.
+
+        `force`: try to reach the database even within the pause after a failed start (the task is ending).
+        """
         if not self._registered:
-            self._register_or_update_task()
-        repository = self._repository_or_none() if self._registered else None
+            self._register_or_update_task(force)
+        repository = self._repository_or_none(force) if self._registered else None
         if repository is None:
             logger.error("%s of task %s not written: the database is unavailable", operation, self.uuid)
             return False
@@ -208,17 +215,20 @@ class TaskContextManager:
             logger.error("%s of task %s failed, the task goes on: %s", operation, self.uuid, exc)
             return False
 
-    def _repository_or_none(self) -> TaskRepository | None:
+    def _repository_or_none(self, force: bool = False) -> TaskRepository | None:
         if self._repository is None:
+            if not force and time.monotonic() < self._start_again_at:
+                return None  # a start just failed: do not make every call wait out the start-up retry again
             try:
                 self._repository = TaskRepository(start_database(self.config))
             except DatabaseError as exc:
+                self._start_again_at = time.monotonic() + START_AGAIN_AFTER_SECONDS
                 logger.error("database unavailable for task %s, the task goes on: %s", self.uuid, exc)
                 return None
         return self._repository
 
     def _finish(self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]) -> None:
-        self._write(status, action)
+        self._write(status, action, force=True)
         changes: dict[str, Any] = {"status": status, "completed_at": datetime.now(UTC).isoformat()}
         if error_message is not None:
             changes["error_message"] = error_message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import uuid
@@ -22,7 +23,7 @@ from context_storage import (
 )
 from db import DatabaseConnection, Task, TaskRepository
 from db.startup import start_database
-from tests.postgres_server import PostgresServer
+from tests.postgres_server import PostgresServer, free_port
 
 LLM = {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}}
 
@@ -186,3 +187,31 @@ def test_statistics_survive_a_database_outage(own_cluster: PostgresServer, tmp_p
     resumed.complete()
     assert stored(manager.uuid).status == "completed"
     assert "unsaved" not in json.loads((resumed.context_dir / "metadata.json").read_text(encoding="utf-8"))
+
+
+def test_a_database_down_at_start_is_not_waited_for_at_every_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = {
+        "context_storage": {"base_dir": str(tmp_path / "contexts")},
+        "llm": LLM,
+        "database": {
+            "type": "postgresql",
+            "postgresql": {"host": "127.0.0.1", "port": free_port()},
+            "startup_timeout": 0.5,
+        },
+    }
+    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+        manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", 9), str(uuid.uuid4()), config)
+        for _ in range(5):
+            manager.get_message_store().add_message("user", "still working")
+            manager.update_statistics(llm_calls=1, tokens=10)
+        starts = [record for record in caplog.records if "database unavailable" in record.getMessage()]
+        assert len(starts) == 1, "every call tried to start the database again"
+        manager.complete()  # the last chance: tried again even within the pause
+    starts = [record for record in caplog.records if "database unavailable" in record.getMessage()]
+    assert len(starts) == 2
+    assert manager.get_message_store().count_messages() == 5
+    metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["status"] == "completed"
+    assert metadata["unsaved"]["statistics"] == {"llm_calls": 5, "tool_calls": 0, "tokens": 50, "compressions": 0}
