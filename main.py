@@ -23,7 +23,7 @@ from db.backup import backup_database, restore_database
 from db.config import SETTINGS
 from db.connection import describe_driver_error
 from db.data_migration import migrate_data
-from db.repositories.task_repository import PREVIOUS_STATUSES
+from db.repositories.task_repository import MAX_PAGE, PREVIOUS_STATUSES
 from db.repositories.task_usage import MAX_DAYS
 from db.schema import SchemaState, schema_state, upgrade_schema
 from db.startup import app_environment, prepare_schema
@@ -339,18 +339,20 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def _days(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_DAYS:
-        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_DAYS}")
-    return value
+def _integer_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}")
+        return value
+
+    return parse
 
 
-def _positive_limit(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError("must be in 1..1000")
-    return value
+_days = _integer_in(1, MAX_DAYS)
+_positive_limit = _integer_in(1, MAX_PAGE)
 
 
 Handler = Callable[[argparse.Namespace], int]

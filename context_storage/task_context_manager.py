@@ -63,8 +63,11 @@ class TaskContextManager:
         self._pending = dict.fromkeys(STATISTICS, 0)
         self._registered = False
         self._start_again_at = 0.0
-        self._write_metadata()
-        self._take_unsaved_statistics()
+        # Increments an earlier run of this task could not write before it ended are taken over.
+        unsaved = self._write_metadata(drop=("unsaved",)).get("unsaved") or {}
+        for name, amount in (unsaved.get("statistics") or {}).items():
+            if name in self._pending:
+                self._pending[name] += int(amount)
         self._register_or_update_task()
         if any(self._pending.values()):
             self._write("update_statistics", None)
@@ -126,25 +129,24 @@ class TaskContextManager:
             "context_length": provider_config.get("context_length"),
         }
 
-    def _write_metadata(self, replace: dict[str, Any] | None = None, **changes: Any) -> None:
+    def _write_metadata(self, drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
+        """Create or update metadata.json (this process, `changes`, without `drop`); return what it held."""
         path = self.context_dir / "metadata.json"
-        metadata: dict[str, Any] = {}
-        if replace is not None:
-            metadata = replace
-        elif path.exists():
-            metadata = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            metadata = {
-                "uuid": self.uuid,
-                "task_key": self.task_key.to_dict(),
-                "created_at": datetime.now(UTC).isoformat(),
-                "user": self.user,
-                "config": self._llm_settings(),
-            }
+        previous: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        metadata = previous.copy() or {
+            "uuid": self.uuid,
+            "task_key": self.task_key.to_dict(),
+            "created_at": datetime.now(UTC).isoformat(),
+            "user": self.user,
+            "config": self._llm_settings(),
+        }
         metadata.update(process_id=os.getpid(), hostname=socket.gethostname(), **changes)
+        for key in drop:
+            metadata.pop(key, None)
         temporary = path.with_name("metadata.json.tmp")
         temporary.write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
         os.replace(temporary, path)
+        return previous
 
     def _register_or_update_task(self, force: bool = False) -> None:
         now = datetime.now(UTC)
@@ -195,17 +197,6 @@ class TaskContextManager:
             for name, amount in amounts.items():
                 self._pending[name] -= amount
         return action is None or self._attempt(operation, lambda: action(repository))
-
-    def _take_unsaved_statistics(self) -> None:
-        """Pick up increments an earlier run of this task could not write before it ended."""
-        path = self.context_dir / "metadata.json"
-        metadata = json.loads(path.read_text(encoding="utf-8"))
-        unsaved = metadata.pop("unsaved", None)
-        if unsaved:
-            for name, amount in (unsaved.get("statistics") or {}).items():
-                if name in self._pending:
-                    self._pending[name] += int(amount)
-            self._write_metadata(replace=metadata)
 
     def _attempt(self, operation: str, call: Callable[[], object]) -> bool:
         """False when the database failed or the row was missing (the repository said False)."""

@@ -6,6 +6,7 @@ lock on PostgreSQL), so agents starting together do not race: the losers find th
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,7 +74,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+@functools.cache
 def head_revision() -> str:
+    """The newest revision in db/migrations (read from disk once per process)."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if head is None:
         raise DatabaseError("no migrations found")
@@ -124,9 +127,8 @@ def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> Upgr
             if connection.dialect.name == "postgresql":
                 connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
             command.upgrade(alembic_config(connection), "head")
-        after = schema_state(database)
-    logger.info("schema upgraded from %s to %s", before.describe(), after.current)
-    return UpgradeResult(before, after.head, copy)
+    logger.info("schema upgraded from %s to %s", before.describe(), before.head)
+    return UpgradeResult(before, before.head, copy)
 
 
 def require_current_schema(database: DatabaseConnection) -> SchemaState:

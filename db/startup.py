@@ -9,7 +9,7 @@ from typing import Any
 from db.config import DatabaseConfig
 from db.connection import DatabaseConnection
 from db.errors import DatabaseConfigError
-from db.schema import SchemaState, require_current_schema, schema_state, upgrade_schema
+from db.schema import SchemaState, require_current_schema, upgrade_schema
 
 ENVIRONMENTS = ("development", "production")
 
@@ -26,8 +26,8 @@ def prepare_schema(connection: DatabaseConnection, environment: str) -> SchemaSt
     """Development: create or migrate the schema to head. Production: refuse a schema that is not at head."""
     if environment == "production":
         return require_current_schema(connection)
-    upgrade_schema(connection)
-    return schema_state(connection)
+    result = upgrade_schema(connection)
+    return SchemaState(result.after, result.before.head)
 
 
 def start_database(
