@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -22,15 +24,16 @@ from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepo
 from db.backup import backup_database, restore_database
 from db.config import SETTINGS
 from db.connection import describe_driver_error
-from db.data_migration import migrate_data
+from db.data_migration import MAX_BATCH, migrate_data
 from db.repositories.task_repository import MAX_PAGE, PREVIOUS_STATUSES
 from db.repositories.task_usage import MAX_DAYS
-from db.schema import SchemaState, schema_state, upgrade_schema
+from db.schema import SchemaState, require_current_schema, schema_state, upgrade_schema
 from db.startup import app_environment, prepare_schema
 from db.stats import database_stats
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _connect(args: argparse.Namespace, *, wait: bool = True) -> DatabaseConnection:
@@ -42,6 +45,19 @@ def _start(args: argparse.Namespace) -> tuple[DatabaseConnection, SchemaState]:
     environment = app_environment()
     connection = _connect(args)
     return connection, prepare_schema(connection, environment)
+
+
+def _open_for_reading(args: argparse.Namespace, *, wait: bool = True) -> DatabaseConnection:
+    """A connection that changes nothing: no schema work, no file created, a SQLite file left as it is."""
+    config = DatabaseConfig.load(args.config)
+    return DatabaseConnection.initialize(config if wait else replace(config, startup_timeout=0), read_only=True)
+
+
+def _read(args: argparse.Namespace) -> DatabaseConnection:
+    """A reading connection to a database whose schema is at head; else the command that fixes it."""
+    connection = _open_for_reading(args)
+    require_current_schema(connection)
+    return connection
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -84,6 +100,16 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_migrate_data(args: argparse.Namespace) -> int:
+    if args.overwrite_newer and not args.overwrite:
+        print("error: --overwrite-newer goes with --overwrite", file=sys.stderr)
+        return EXIT_USAGE
+    if args.overwrite and not (args.yes or args.dry_run):
+        print(
+            "error: --overwrite replaces tasks already in the target: see how many with --dry-run, "
+            "then add --yes to go ahead",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     connection = _connect(args)
     with tqdm(
         unit=" rows", unit_scale=True, desc="copying", file=sys.stderr, disable=True if args.quiet else None
@@ -92,6 +118,7 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
             args.source,
             connection,
             overwrite=args.overwrite,
+            overwrite_newer=args.overwrite_newer,
             dry_run=args.dry_run,
             batch_size=args.batch_size,
             progress=bar.update,
@@ -100,10 +127,13 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
     print(f"source:      {report.source} ({report.source_rows} tasks)")
     print(f"target:      {connection.config.safe_url}")
     print(f"{verb + ':':<12} {report.copied}")
-    print(
-        f"{'overwritten:' if args.overwrite else 'skipped:':<12} "
-        f"{report.overwritten if args.overwrite else report.skipped} (uuid already present)"
-    )
+    if args.overwrite:
+        label = "would overwrite:" if report.dry_run else "overwritten:"
+        print(f"{label:<12} {report.overwritten} (uuid already present)")
+        if not args.overwrite_newer:
+            print(f"kept newer:  {report.kept_newer} (updated later in the target; --overwrite-newer replaces them)")
+    else:
+        print(f"skipped:     {report.skipped} (uuid already present)")
     print(f"time:        {report.seconds:.1f}s ({report.rows_per_second:,.0f} rows/s)")
     if report.differences:
         print("error: verification failed, nothing was written:", file=sys.stderr)
@@ -111,6 +141,8 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
             print(f"  {difference}", file=sys.stderr)
         if report.skipped:
             print("  (tasks already in the target differ from the source: --overwrite replaces them)", file=sys.stderr)
+        elif report.kept_newer:
+            print("  (tasks kept as newer in the target: --overwrite-newer replaces them)", file=sys.stderr)
         return EXIT_ERROR
     if not report.dry_run:
         print("verified:    row counts and per-column aggregates of source and target are equal")
@@ -118,28 +150,31 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
 
 
 def cmd_db_backup(args: argparse.Namespace) -> int:
-    connection = _connect(args)
+    connection = _open_for_reading(args)
     output = backup_database(connection, Path(args.output))
     print(f"backup of {connection.config.safe_url} written to {output} ({output.stat().st_size:,} bytes)")
     return 0
 
 
 def cmd_db_restore(args: argparse.Namespace) -> int:
-    connection = _connect(args)
+    backup = Path(args.backup)
+    if not backup.is_file():
+        print(f"error: no such backup file: {backup}", file=sys.stderr)
+        return EXIT_ERROR
+    config = DatabaseConfig.load(args.config)
     if not args.yes:
-        print(
-            f"error: restoring replaces the tasks in {connection.config.safe_url}; add --yes to go ahead",
-            file=sys.stderr,
-        )
+        print(f"error: restoring replaces the tasks in {config.safe_url}; add --yes to go ahead", file=sys.stderr)
         return EXIT_USAGE
-    restore_database(connection, Path(args.backup))
-    counts = TaskRepository(connection).count_by_status()
-    print(f"restored {args.backup} into {connection.config.safe_url}: {sum(counts.values())} tasks")
+    connection = DatabaseConnection.initialize(config)
+    result = restore_database(connection, backup)
+    if result.replaced_copy is not None:
+        print(f"replaced tasks kept in {result.replaced_copy}")
+    print(f"restored {backup} into {config.safe_url}: {result.rows} tasks (schema {result.revision})")
     return 0
 
 
 def cmd_db_stats(args: argparse.Namespace) -> int:
-    connection = _connect(args)
+    connection = _open_for_reading(args)
     stats = database_stats(connection)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2, default=str))
@@ -165,14 +200,14 @@ def _print_nested(value: object, indent: str = "") -> None:
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
-    state = schema_state(_connect(args))
+    state = schema_state(_open_for_reading(args))
     print(f"current: {state.describe()}")
     print(f"head:    {state.head}")
     return 0
 
 
 def cmd_db_check(args: argparse.Namespace) -> int:
-    connection = _connect(args, wait=False)
+    connection = _open_for_reading(args, wait=False)
     state = schema_state(connection)
     print(f"backend:  {connection.config.backend}")
     print(f"database: {connection.config.safe_url}")
@@ -198,7 +233,7 @@ def _connection_settings(connection: DatabaseConnection) -> str:
 
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
-    connection, _ = _start(args)
+    connection = _read(args)
     tasks = TaskRepository(connection).list_tasks(status=args.status, user=args.user, limit=args.limit)
     if args.json:
         print(json.dumps([task.to_dict() for task in tasks], ensure_ascii=False, indent=2))
@@ -223,7 +258,7 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> int:
-    connection, _ = _start(args)
+    connection = _read(args)
     task = TaskRepository(connection).get_by_uuid(args.uuid)
     if task is None:
         print(f"error: no task {args.uuid}", file=sys.stderr)
@@ -234,12 +269,12 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
     else:
         width = max(len(key) for key in data)
         for key, value in data.items():
-            print(f"{key:<{width}}  {'-' if value is None else value}")
+            print(f"{key:<{width}}  {'-' if value is None else printable(str(value))}")
     return 0
 
 
 def cmd_tasks_usage(args: argparse.Namespace) -> int:
-    connection, _ = _start(args)
+    connection = _read(args)
     query = TaskUsageQuery(connection)
     usages = query.per_user(zone=args.tz, user=args.user)
     daily = query.daily(days=args.days, zone=args.tz, user=args.user) if args.user is not None else []
@@ -264,7 +299,7 @@ def cmd_tasks_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_history(args: argparse.Namespace) -> int:
-    connection, _ = _start(args)
+    connection = _read(args)
     fields = parse_task_reference(args.reference)
     since = datetime.now(UTC) - timedelta(days=args.days) if args.days is not None else None
     statuses = [status.value for status in TaskStatus] if args.all else list(PREVIOUS_STATUSES)
@@ -306,7 +341,7 @@ def parse_task_reference(reference: str) -> dict[str, str | None]:
     text = text.removeprefix("gitlab:").removeprefix("github:")
     for separator, kind in (("!", "merge_request"), ("#", "issue")):
         project, found, number = text.rpartition(separator)
-        if found and project and number.isdigit():
+        if found and project and number.isascii() and number.isdigit():
             if separator == "!" or gitlab:
                 return {"task_source": "gitlab", "owner": "", "repo": project, "task_type": kind, "task_id": number}
             owner, slash, repo = project.partition("/")
@@ -333,9 +368,20 @@ def _describe_task(task: Task) -> str:
     return f"{task.task_source} {task.owner}/{task.repo}#{task.task_id}"
 
 
+def printable(text: str) -> str:
+    """`text` with control and format characters (terminal escapes, bidi overrides) shown as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(
+        character if character.isprintable() else character.encode("unicode_escape", "backslashreplace").decode()
+        for character in text
+    )
+
+
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max([len(header), *(len(row[index]) for row in rows)]) for index, header in enumerate(headers)]
-    for row in (headers, *rows):
+    shown = [[printable(cell) for cell in row] for row in rows]
+    widths = [max([len(header), *(len(row[index]) for row in shown)]) for index, header in enumerate(headers)]
+    for row in (headers, *shown):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
@@ -410,8 +456,18 @@ def _add_db_commands(tree: _CommandTree) -> None:
     )
     migrate.add_argument("--from", dest="source", required=True, metavar="SQLITE_PATH_OR_URL")
     migrate.add_argument("--dry-run", action="store_true", help="read and check everything, report, write nothing")
-    migrate.add_argument("--overwrite", action="store_true", help="replace tasks whose uuid is already present")
-    migrate.add_argument("--batch-size", type=int, default=10_000, help="rows per batch (default 10000)")
+    migrate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace tasks whose uuid is already present, unless updated later in the target (needs --yes)",
+    )
+    migrate.add_argument(
+        "--overwrite-newer", action="store_true", help="with --overwrite: replace tasks updated later too"
+    )
+    migrate.add_argument("--yes", action="store_true", help="confirm --overwrite")
+    migrate.add_argument(
+        "--batch-size", type=_integer_in(1, MAX_BATCH), default=10_000, help=f"rows per batch (1..{MAX_BATCH:,})"
+    )
     migrate.add_argument("--quiet", action="store_true", help="no progress bar")
     backup = tree.command(database, "backup", cmd_db_backup, "write a backup: pg_dump custom format, or a SQLite copy")
     backup.add_argument("--output", required=True, metavar="FILE", help="new file to write")
@@ -464,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (DatabaseError, ValueError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

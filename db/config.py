@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 SERVER_TYPES = ("sqlite", "postgresql")
 MEMORY = ":memory:"
 DEFAULT_SOURCE = "default"
+# Query parameters of a URL that hold secrets: libpq takes `password` and `sslpassword` there too.
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
+MASK = "***"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sslmode", "DATABASE_SSLMODE", ("database.postgresql.sslmode", "database.sslmode"), None),
     Setting("sslrootcert", "DATABASE_SSLROOTCERT", ("database.postgresql.sslrootcert", "database.sslrootcert"), None),
     Setting("sqlite_path", "DATABASE_SQLITE_PATH", ("database.sqlite.path",), "tasks.db"),
+    Setting("sqlite_backups_kept", "DATABASE_SQLITE_BACKUPS_KEPT", ("database.sqlite.backups_kept",), 3),
     Setting("pool_size", "DATABASE_POOL_SIZE", ("database.pool.size",), 5),
     Setting("pool_max_overflow", "DATABASE_POOL_MAX_OVERFLOW", ("database.pool.max_overflow",), 10),
     Setting("pool_timeout", "DATABASE_POOL_TIMEOUT", ("database.pool.timeout",), 30),
@@ -89,6 +94,7 @@ class DatabaseConfig:
     sslrootcert: str | None = None
     url: str | None = None
     sqlite_path: str = str(Path(DEFAULT_BASE_DIR) / "tasks.db")
+    sqlite_backups_kept: int = 3
     pool: PoolConfig = field(default_factory=PoolConfig)
     echo: bool = False
     connect_timeout: int = 10
@@ -124,11 +130,12 @@ class DatabaseConfig:
         if isinstance(recycle, bool) or not isinstance(recycle, int) or not (recycle == -1 or recycle > 0):
             self._fail("pool_recycle", f"must be -1 (off) or an integer > 0, got {recycle!r}")
         _check_int(self.connect_timeout, 1, self._label("connect_timeout"), "> 0")
+        _check_int(self.sqlite_backups_kept, 1, self._label("sqlite_backups_kept"), ">= 1")
         _check_int(self.slow_query_ms, 0, self._label("slow_query_ms"), ">= 0 (0 logs every statement)")
         for name in ("startup_timeout", "retry_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                self._fail(name, f"must be a number of seconds >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                self._fail(name, f"must be a finite number of seconds >= 0, got {value!r}")
 
     def _label(self, name: str) -> str:
         return self.sources.get(name, name)
@@ -150,6 +157,8 @@ class DatabaseConfig:
         sources = dict(resolver.sources)
         base_dir, base_source = resolver.lookup(BASE_DIR_KEY)
         sqlite_path = str(values["sqlite_path"])
+        if not sqlite_path.strip():
+            raise DatabaseConfigError(f"{sources['sqlite_path']}: the SQLite path must not be empty")
         if sqlite_path != MEMORY and not Path(sqlite_path).is_absolute():
             sqlite_path = str(Path(DEFAULT_BASE_DIR if base_dir in (None, "") else str(base_dir)) / sqlite_path)
             if base_source is not None:
@@ -167,6 +176,7 @@ class DatabaseConfig:
             sslrootcert=values["sslrootcert"],
             url=values["url"],
             sqlite_path=sqlite_path,
+            sqlite_backups_kept=_to_int(values["sqlite_backups_kept"], sources["sqlite_backups_kept"]),
             pool=PoolConfig(
                 size=_to_int(values["pool_size"], sources["pool_size"]),
                 max_overflow=_to_int(values["pool_max_overflow"], sources["pool_max_overflow"]),
@@ -202,8 +212,8 @@ class DatabaseConfig:
 
     @property
     def safe_url(self) -> str:
-        """The URL as text with the password replaced by `***`."""
-        return self.sqlalchemy_url.render_as_string(hide_password=True)
+        """The URL as text with the password, and any secret in its query, replaced by `***`."""
+        return mask_url(self.sqlalchemy_url)
 
     @property
     def backend(self) -> str:
@@ -244,7 +254,8 @@ class _Resolver:
             return value
         for key in setting.yaml_keys:
             value, source = self.lookup(key)
-            if value not in (None, "") and source is not None:
+            # An empty YAML value leaves an optional setting unset; a required one keeps it, to be refused.
+            if source is not None and value is not None and (value != "" or setting.default is not None):
                 if isinstance(value, Mapping | list):
                     raise DatabaseConfigError(f"{source}: must be a single value, not a {type(value).__name__}")
                 self.sources[setting.field] = source
@@ -273,12 +284,22 @@ def _read_config(config: Mapping[str, Any] | str | os.PathLike[str] | None) -> t
     except OSError as exc:
         raise DatabaseConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise DatabaseConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise DatabaseConfigError(f"{path}: not valid YAML{_yaml_position(exc)}") from None
     if document is None:
         return {}, path.name
     if not isinstance(document, Mapping):
         raise DatabaseConfigError(f"{path}: the top level must be a mapping of sections")
     return document, path.name
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    """Where the YAML error is and what kind it is; never the text of the line, which may hold a password."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    # PyYAML's problem texts are fixed phrases, except those that quote the offending character.
+    what = f": {problem}" if isinstance(problem, str) and "'" not in problem and '"' not in problem else ""
+    return where + what
 
 
 def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: str | None = None) -> URL:
@@ -308,13 +329,24 @@ def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: s
     return url
 
 
+def mask_url(url: URL) -> str:
+    """`url` as text with its password and secret query parameters shown as `***`."""
+    secret = {key: MASK for key in url.query if key.lower() in SECRET_QUERY_KEYS}
+    return url.update_query_dict(secret).render_as_string(hide_password=True) if secret else url.render_as_string(
+        hide_password=True
+    )
+
+
 def _normalise_type(value: Any) -> str:
     text = str(value).strip().lower()
     return "postgresql" if text == "postgres" else text
 
 
 def _url_has_password(url: Any, label: str) -> bool:
-    return bool(url) and _parse_url(str(url), label).password is not None
+    if not url:
+        return False
+    parsed = _parse_url(str(url), label)
+    return parsed.password is not None or any(key.lower() in SECRET_QUERY_KEYS for key in parsed.query)
 
 
 def _convert(value: Any, source: str, kind: Callable[[Any], Any], what: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ from sqlalchemy.pool import StaticPool
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from db.config import DatabaseConfig
-from db.errors import DatabaseUnavailableError
+from db.errors import DatabaseError, DatabaseUnavailableError
 from db.models import Base
+from db.private_files import connect_sqlite, create_private_file, make_private_dirs
 from db.slow_query_log import install_slow_query_log
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,18 @@ def retry_policy(seconds: float, first_wait: float, max_wait: float, what: str) 
     return {"stop": stop_after_delay(seconds), "wait": wait, "before_sleep": before_sleep, "reraise": True}
 
 
-def build_engine(config: DatabaseConfig) -> Engine:
-    """Create the engine for `config`, with the pool and per-connection settings its backend needs."""
-    engine = _create_engine(config)
+def build_engine(config: DatabaseConfig, *, read_only: bool = False) -> Engine:
+    """Create the engine for `config`, with the pool and per-connection settings its backend needs.
+
+    `read_only`: the engine only reads. A SQLite file is then opened read-only and left exactly as it is
+    (no journal mode change, nothing created); a missing file is an error instead of a new database.
+    """
+    engine = _create_engine(config, read_only)
     install_slow_query_log(engine, config.slow_query_ms)
     return engine
 
 
-def _create_engine(config: DatabaseConfig) -> Engine:
+def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
     url = config.sqlalchemy_url
     if config.backend != "sqlite":
         connect_args: dict[str, Any] = {}
@@ -82,18 +88,30 @@ def _create_engine(config: DatabaseConfig) -> Engine:
     if config.is_sqlite_memory:
         # One shared connection, or every thread would see its own empty database.
         engine = create_engine(url, echo=config.echo, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        _configure_sqlite(engine, journal=False, read_only=False)
+        return engine
+    path = Path(url.database or "")
+    if read_only:
+        if not path.is_file():
+            raise DatabaseError(
+                f"no database at {path}: start the agent once (python main.py) or run python main.py db upgrade"
+            )
     else:
-        Path(config.sqlalchemy_url.database or "").parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url,
-            echo=config.echo,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-        )
-    _configure_sqlite(engine, file_backed=not config.is_sqlite_memory)
+        make_private_dirs(path.parent)
+        create_private_file(path)
+    timeout = SQLITE_BUSY_TIMEOUT_MS / 1000
+
+    def connect() -> sqlite3.Connection:
+        # The path reaches SQLite as an encoded URI, never through a URL's parsing. A reader opens the file
+        # read-write but writes nothing and sets no journal mode: see `sqlite_uri` for why not read-only.
+        return connect_sqlite(path, read_only=False, timeout=timeout, check_same_thread=False)
+
+    engine = create_engine(url, echo=config.echo, creator=connect)
+    _configure_sqlite(engine, journal=not read_only, read_only=read_only)
     return engine
 
 
-def _configure_sqlite(engine: Engine, *, file_backed: bool) -> None:
+def _configure_sqlite(engine: Engine, *, journal: bool, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin (see on_begin).
@@ -101,7 +119,7 @@ def _configure_sqlite(engine: Engine, *, file_backed: bool) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
-        if file_backed:
+        if journal:
             cursor.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL is safe from corruption and loses nothing when a process dies; only a power
             # failure can take back the last commits. FULL would wait for the disk at every commit.
@@ -112,7 +130,8 @@ def _configure_sqlite(engine: Engine, *, file_backed: bool) -> None:
     def on_begin(connection: Any) -> None:
         # IMMEDIATE takes the write lock up front, waiting through busy_timeout; a deferred transaction that
         # reads and then writes would instead fail at once with "database is locked" under contention.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A reader takes no write lock at all.
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 class DatabaseConnection:
@@ -121,22 +140,29 @@ class DatabaseConnection:
     _instance: ClassVar[DatabaseConnection | None] = None
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, config: DatabaseConfig) -> None:
+    def __init__(self, config: DatabaseConfig, *, read_only: bool = False) -> None:
         self.config = config
-        self.engine = build_engine(config)
+        self.read_only = read_only
+        self.engine = build_engine(config, read_only=read_only)
         self.session_factory = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
 
     @classmethod
-    def initialize(cls, config: DatabaseConfig | None = None) -> DatabaseConnection:
-        """Create the process's connection (once), after checking that the database answers."""
+    def initialize(cls, config: DatabaseConfig | None = None, *, read_only: bool = False) -> DatabaseConnection:
+        """Create the process's connection (once), after checking that the database answers.
+
+        `read_only`: for commands that only read; see `build_engine`. A read-write connection already
+        initialised serves readers too.
+        """
         with cls._lock:
             if cls._instance is not None:
                 if config is not None and config != cls._instance.config:
                     raise RuntimeError(
                         "DatabaseConnection is already initialised with another configuration; call reset() first"
                     )
+                if cls._instance.read_only and not read_only:
+                    raise RuntimeError("DatabaseConnection is initialised read-only; call reset() first")
                 return cls._instance
-            instance = cls(config if config is not None else DatabaseConfig.load())
+            instance = cls(config if config is not None else DatabaseConfig.load(), read_only=read_only)
             try:
                 instance.wait_until_available()
             except BaseException:

@@ -1,12 +1,16 @@
 """Copy every task from a SQLite tasks.db (pre-SQLAlchemy or current layout) into the configured database.
 
-The rows are merged by uuid in one transaction: a uuid already present is skipped (or replaced with
-`overwrite`), so a re-run copies nothing twice. Before COMMIT, the row count and per-column aggregates of
-source and target are compared; any difference rolls everything back, so nothing is ever half-copied.
+Everything happens in one transaction, verified before COMMIT; any difference rolls it all back, so nothing
+is ever half-copied:
 
-PostgreSQL is fed with one COPY, formatted by SQLite and streamed from a second thread, straight into an
-empty `tasks` table or through a staging table otherwise; a third thread reads the source's date-times for
-the verification meanwhile.
+1. the source's rows arrive in a staging table (or, on PostgreSQL, straight into an empty `tasks`) and their
+   row count and per-column aggregates must equal the source's;
+2. they are merged by uuid: a task already in the target is skipped, or with `overwrite` replaced, unless the
+   target's row was updated later (kept unless `overwrite_newer`); so a re-run copies nothing twice;
+3. every merged row must then be in the target exactly as in the staging table, and a skipped one identical.
+
+PostgreSQL is fed with one COPY, formatted by SQLite and streamed from a second thread; a third thread reads
+the source's figures for the verification meanwhile.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from db.schema import schema_state, upgrade_schema
 logger = logging.getLogger(__name__)
 
 STAGING = "migrate_staging"
+KEPT = "migrate_kept"
+MAX_BATCH = 1_000_000
 _STAGING_TABLE = Table(STAGING, MetaData(), *(Column(column.key, column.type) for column in Task.__table__.columns))
 _NAMES = ", ".join(f'"{name}"' for name in COLUMNS)
 
@@ -46,11 +52,14 @@ __all__ = ["DataMigrationError", "MigrationReport", "migrate_data"]
 
 @dataclass
 class MigrationReport:
+    """What a copy did, or would do (`dry_run`): rows new to the target, skipped, overwritten, kept as newer."""
+
     source: str
     source_rows: int = 0
     copied: int = 0
     skipped: int = 0
     overwritten: int = 0
+    kept_newer: int = 0
     dry_run: bool = False
     seconds: float = 0.0
     differences: list[str] = field(default_factory=list)
@@ -65,13 +74,20 @@ def migrate_data(
     target: DatabaseConnection,
     *,
     overwrite: bool = False,
+    overwrite_newer: bool = False,
     dry_run: bool = False,
     batch_size: int = 10_000,
     progress: Callable[[int], None] | None = None,
 ) -> MigrationReport:
-    """Copy the tasks of `source` into `target`; see the module docstring."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError("batch_size must be a positive integer")
+    """Copy the tasks of `source` into `target`; see the module docstring.
+
+    `overwrite`: a task already in the target is replaced by the source's, unless the target's row was
+    updated later (`updated_at`), which is kept and counted; `overwrite_newer` replaces those too.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size must be an integer in 1..{MAX_BATCH}")
+    if overwrite_newer and not overwrite:
+        raise ValueError("overwrite_newer needs overwrite")
     tasks = TaskSource(source)
     try:
         database = target.config.sqlalchemy_url.database
@@ -89,11 +105,18 @@ def migrate_data(
             else:
                 if not dry_run:
                     upgrade_schema(target)
-                _copy(target, tasks, expected, report, overwrite=overwrite, batch_size=batch_size, progress=progress)
+                merge = _Merge(overwrite=overwrite, overwrite_newer=overwrite_newer)
+                _copy(target, tasks, expected, report, merge, batch_size=batch_size, progress=progress)
         report.seconds = time.perf_counter() - started
         return report
     finally:
         tasks.close()
+
+
+@dataclass(frozen=True)
+class _Merge:
+    overwrite: bool
+    overwrite_newer: bool
 
 
 def _copy(
@@ -101,8 +124,8 @@ def _copy(
     tasks: TaskSource,
     expected: Future[Aggregates],
     report: MigrationReport,
+    merge: _Merge,
     *,
-    overwrite: bool,
     batch_size: int,
     progress: Callable[[int], None] | None,
 ) -> None:
@@ -125,17 +148,23 @@ def _copy(
             expected.result()  # an unreadable source value is the clearer error: raised here if there is one
             raise
         source = expected.result()
-        present = 0 if direct else _count_present(connection)
         report.source_rows = source.rows
-        report.overwritten = present if overwrite else 0
-        report.skipped = 0 if overwrite else present
-        report.copied = source.rows - present
+        # The copy itself first: what arrived in the target's types must be what the source holds.
+        report.differences = source.differences(_aggregates(connection, "tasks" if direct else STAGING))
+        if not direct:
+            present, kept = _mark_kept(connection, merge)
+            report.kept_newer = kept
+            report.overwritten = present - kept if merge.overwrite else 0
+            report.skipped = 0 if merge.overwrite else present
+            report.copied = source.rows - present
+        else:
+            report.copied = source.rows
         if report.dry_run:
             transaction.rollback()
             return
-        if not direct:
-            _merge(connection, overwrite)
-        report.differences = source.differences(_target_aggregates(connection, whole_table=direct))
+        if not direct and not report.differences:
+            _merge(connection, merge.overwrite)
+            report.differences = _rows_not_as_copied(connection)
         if report.differences:
             transaction.rollback()
 
@@ -204,9 +233,23 @@ def _copy_in(
         raise failure[0]
 
 
-def _count_present(connection: Connection) -> int:
-    statement = f"SELECT count(*) FROM {STAGING} s JOIN tasks t ON t.uuid = s.uuid"  # noqa: S608
-    return int(connection.exec_driver_sql(statement).scalar_one())
+def _mark_kept(connection: Connection, merge: _Merge) -> tuple[int, int]:
+    """Fill the table of target rows the merge leaves alone; return (rows present, rows kept as newer)."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"CREATE TEMP TABLE {KEPT} (uuid uuid) ON COMMIT DROP")
+    else:
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{KEPT}")
+        connection.exec_driver_sql(f"CREATE TEMP TABLE {KEPT} (uuid TEXT)")
+    present = int(
+        connection.exec_driver_sql(f"SELECT count(*) FROM {STAGING} s JOIN tasks t ON t.uuid = s.uuid").scalar_one()  # noqa: S608
+    )
+    if not merge.overwrite or merge.overwrite_newer:
+        return present, 0
+    connection.exec_driver_sql(
+        f"INSERT INTO {KEPT} SELECT s.uuid FROM {STAGING} s JOIN tasks t ON t.uuid = s.uuid "  # noqa: S608
+        "WHERE t.updated_at > s.updated_at"
+    )
+    return present, int(connection.exec_driver_sql(f"SELECT count(*) FROM {KEPT}").scalar_one())  # noqa: S608
 
 
 def _merge(connection: Connection, overwrite: bool) -> None:
@@ -215,20 +258,36 @@ def _merge(connection: Connection, overwrite: bool) -> None:
         conflict = f"DO UPDATE SET {updates}"
     else:
         conflict = "DO NOTHING"
-    # "WHERE true" lets SQLite parse the upsert after INSERT ... SELECT.
     connection.exec_driver_sql(
-        f"INSERT INTO tasks ({_NAMES}) SELECT {_NAMES} FROM {STAGING} WHERE true ON CONFLICT (uuid) {conflict}"  # noqa: S608
+        f"INSERT INTO tasks ({_NAMES}) SELECT {_NAMES} FROM {STAGING} "  # noqa: S608
+        f"WHERE uuid NOT IN (SELECT uuid FROM {KEPT}) ON CONFLICT (uuid) {conflict}"
     )
 
 
-def _target_aggregates(connection: Connection, *, whole_table: bool) -> Aggregates:
+def _rows_not_as_copied(connection: Connection, shown: int = 20) -> list[str]:
+    """Every source row the merge did not leave alone must now be in the target exactly; name those that
+    are not (a task skipped because it was already there, but differently)."""
+    same = " AND ".join(f't."{name}" IS NOT DISTINCT FROM s."{name}"' for name in COLUMNS)
+    names = ", ".join(f's."{name}"' for name in COLUMNS) + ", " + ", ".join(f't."{name}"' for name in COLUMNS)
+    rows = connection.exec_driver_sql(
+        f"SELECT {names} FROM {STAGING} s JOIN tasks t ON t.uuid = s.uuid "  # noqa: S608
+        f"WHERE s.uuid NOT IN (SELECT uuid FROM {KEPT}) AND NOT ({same}) LIMIT {shown}"
+    ).all()
+    found = []
+    for row in rows:
+        mine, theirs = row[: len(COLUMNS)], row[len(COLUMNS) :]
+        columns = [name for name, a, b in zip(COLUMNS, mine, theirs, strict=True) if a != b]
+        found.append(f"task {mine[0]}: already in the target with another {', '.join(columns)}")
+    return found
+
+
+def _aggregates(connection: Connection, table: str) -> Aggregates:
     parts = ["count(*)"]
     parts += [f'count(t."{name}")' for name in COLUMNS]
     parts += [f'coalesce(sum(t."{name}"), 0)' for name in INTEGERS]
     parts += [f'coalesce(sum(length(t."{name}")), 0)' for name in STRINGS]
     parts += [f'min(t."{name}")' for name in DATETIMES] + [f'max(t."{name}")' for name in DATETIMES]
-    where = "" if whole_table else f" WHERE t.uuid IN (SELECT uuid FROM {STAGING})"  # noqa: S608
-    values = list(connection.exec_driver_sql(f"SELECT {', '.join(parts)} FROM tasks t{where}").one())  # noqa: S608
+    values = list(connection.exec_driver_sql(f"SELECT {', '.join(parts)} FROM {table} t").one())  # noqa: S608
     result = Aggregates(rows=int(values.pop(0)))
     for name in COLUMNS:
         result.non_null[name] = int(values.pop(0))

@@ -7,6 +7,7 @@ UTC), NULL counters as 0, a missing updated_at as the first of completed_at, sta
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, inspect
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import QueuePool
 
 from db.errors import DatabaseError
 from db.models import COUNTER_COLUMNS, Task, TaskStatus
 from db.models.types import parse_stored_datetime
+from db.private_files import connect_sqlite
 
 COLUMNS = tuple(column.key for column in Task.__table__.columns)
 REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
@@ -73,10 +76,13 @@ class TaskSource:
     """The tasks table of a SQLite file named by a path or a sqlite:/// URL, never written to."""
 
     def __init__(self, source: str) -> None:
-        self.path = _source_path(source)
-        read_only = URL.create("sqlite", database=f"file:{self.path}?mode=ro", query={"uri": "true"})
-        # Read from worker threads too, one thread per connection at a time.
-        self.engine: Engine = create_engine(read_only, connect_args={"check_same_thread": False})
+        self.path = path = _source_path(source)
+
+        def connect() -> sqlite3.Connection:
+            # Read from worker threads too, one thread per connection at a time.
+            return connect_sqlite(path, read_only=True, check_same_thread=False)
+
+        self.engine: Engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
         try:
             self.columns = self._columns()
         except BaseException:

@@ -22,7 +22,8 @@ from sqlalchemy import Connection, func, inspect, select
 
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
-from db.sqlite_backup import backup_engine_database, backup_path_for
+from db.private_files import remove_with_journals
+from db.sqlite_backup import backup_engine_database, backup_path_for, copies_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def head_revision() -> str:
     return head
 
 
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every revision in db/migrations."""
+    return frozenset(script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
 def _state(connection: Connection) -> SchemaState:
     current = MigrationContext.configure(connection).get_current_revision()
     if current is None and inspect(connection).has_table("tasks"):
@@ -100,35 +107,51 @@ def schema_state(database: DatabaseConnection) -> SchemaState:
 def _serialised(database: DatabaseConnection) -> Iterator[None]:
     path = database.config.sqlalchemy_url.database
     if database.config.backend == "sqlite" and not database.config.is_sqlite_memory and path:
-        with FileLock(f"{path}.migrate.lock", timeout=FILE_LOCK_TIMEOUT):
+        # The lock file stays beside the database (empty, 0600): removing it could let two processes hold
+        # locks on two different files.
+        with FileLock(f"{path}.migrate.lock", timeout=FILE_LOCK_TIMEOUT, mode=0o600):
             yield
     else:
         yield
 
 
 def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> UpgradeResult:
-    """Bring the schema to head; a SQLite file that is about to change is first copied aside."""
+    """Bring the schema to head; a SQLite file that is about to change is first copied aside.
+
+    The copy is kept only when the upgrade changed the file (a failed upgrade leaves the file as it was and
+    removes its copy), and only the newest `sqlite_backups_kept` copies of earlier upgrades are kept.
+    """
     with _serialised(database):
         before = schema_state(database)
         if before.at_head:
             return UpgradeResult(before, before.head, None)
         copy = None
-        path = database.config.sqlalchemy_url.database
-        if (
-            backup
-            and before.current is not None
-            and database.config.backend == "sqlite"
-            and path
-            and not (database.config.is_sqlite_memory)
-        ):
-            copy = backup_engine_database(database.engine, backup_path_for(Path(path), f"before-{before.head}"))
+        config = database.config
+        path = config.sqlalchemy_url.database
+        file_backed = config.backend == "sqlite" and path and not config.is_sqlite_memory
+        if backup and before.current is not None and file_backed:
+            copy = backup_engine_database(database.engine, backup_path_for(Path(str(path)), f"before-{before.head}"))
+        try:
+            with database.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
+                command.upgrade(alembic_config(connection), "head")
+        except BaseException:
+            if copy is not None:
+                remove_with_journals(copy)
+            raise
+        if copy is not None:
             logger.warning("copied %s to %s before upgrading its schema", path, copy)
-        with database.engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
-            command.upgrade(alembic_config(connection), "head")
+            _prune_copies(Path(copy), Path(str(path)), database.config.sqlite_backups_kept)
     logger.info("schema upgraded from %s to %s", before.describe(), before.head)
     return UpgradeResult(before, before.head, copy)
+
+
+def _prune_copies(latest: Path, database: Path, keep: int) -> None:
+    older = [path for path in copies_of(database, "before-") if path != latest]
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        logger.info("removing the old upgrade copy %s (keeping the newest %d)", old, keep)
+        remove_with_journals(old)
 
 
 def require_current_schema(database: DatabaseConnection) -> SchemaState:

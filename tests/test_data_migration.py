@@ -85,10 +85,15 @@ def test_a_conflicting_task_fails_verification_and_nothing_is_written(
     key = next(iter(read_rows(legacy)))
     TaskRepository(blank_connection).create(task_data(uuid=key, owner="someone-else", total_tokens=1))
     report = migrate_data(str(legacy), blank_connection)
-    assert report.differences and any("owner" in line for line in report.differences)
+    assert report.differences and any(key in line and "owner" in line for line in report.differences)
     assert len(all_tasks(blank_connection)) == 1
-    fixed = migrate_data(str(legacy), blank_connection, overwrite=True)
-    assert (fixed.copied, fixed.overwritten, fixed.differences) == (999, 1, [])
+    # The target's row is newer than the source's: --overwrite keeps it, and says so.
+    kept = migrate_data(str(legacy), blank_connection, overwrite=True)
+    assert (kept.copied, kept.overwritten, kept.kept_newer, kept.differences) == (999, 0, 1, [])
+    assert all_tasks(blank_connection)[key].owner == "someone-else"
+    fixed = migrate_data(str(legacy), blank_connection, overwrite=True, overwrite_newer=True)
+    assert (fixed.copied, fixed.overwritten, fixed.kept_newer, fixed.differences) == (0, 1000, 0, [])
+    assert all_tasks(blank_connection)[key].owner != "someone-else"
 
 
 def test_current_layout_source_round_trips(blank_connection: DatabaseConnection, tmp_path: Path) -> None:
