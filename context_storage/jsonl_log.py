@@ -6,39 +6,76 @@ did. A line torn by a crash is skipped when reading and never glued to the next 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from db.private_files import open_private
 
 TAIL_CHUNK = 64 * 1024
 
 
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One JSON line, UTF-8. A lone surrogate (text decoded with surrogateescape) is written as its JSON
+    escape, which reads back as the same string, instead of making the write fail."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+
+
+def append_line(path: Path, build: Callable[[], bytes]) -> int:
+    """Append the line `build()` returns, holding an exclusive lock on the file from before `build` runs
+    until the line is written; a torn last line is ended first. Return the file's new size."""
+    descriptor = open_private(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        line = build()
+        size = os.fstat(descriptor).st_size
+        if size and not _ends_with_newline(path, size):
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:
+            view = view[os.write(descriptor, view) :]
+        return size + len(line)
+    finally:
+        os.close(descriptor)  # also releases the lock
+
+
 class JsonlLog:
-    """Records in `path`, one JSON object a line; `key` names the sequence field (`seq` or `id`)."""
+    """Records in `path`, one JSON object a line; `key` names the sequence field (`seq` or `id`).
+
+    Safe to share between threads, and between processes appending to the same file: an append holds an
+    exclusive lock on the file while it numbers and writes its record.
+    """
 
     def __init__(self, path: Path, key: str = "seq") -> None:
         self.path = path
         self.key = key
+        self._lock = threading.Lock()
         self._cached_size = -1
         self._cached_last = 0
 
     def append(self, record: dict[str, Any]) -> int:
         """Write `record` with the next sequence number first in it; return that number."""
-        number = self.last_number() + 1
-        line = json.dumps({self.key: number, **record}, ensure_ascii=False) + "\n"
-        with self.path.open("ab") as handle:
-            if handle.tell() > 0 and not self._ends_with_newline():
-                handle.write(b"\n")
-            handle.write(line.encode("utf-8"))
-            handle.flush()
-            size = handle.tell()
-        self._cached_size, self._cached_last = size, number
-        return number
+        numbered: list[int] = []
+
+        def build() -> bytes:
+            numbered.append(self._last_number_locked() + 1)
+            return encode_line({self.key: numbered[0], **record})
+
+        with self._lock:
+            size = append_line(self.path, build)
+            self._cached_size, self._cached_last = size, numbered[0]
+        return numbered[0]
 
     def last_number(self) -> int:
         """The sequence number of the last complete record, 0 for an empty or missing file."""
+        with self._lock:
+            return self._last_number_locked()
+
+    def _last_number_locked(self) -> int:
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
@@ -84,10 +121,12 @@ class JsonlLog:
             if record is not None:
                 yield record
 
-    def _ends_with_newline(self) -> bool:
-        with self.path.open("rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            return handle.read(1) == b"\n"
+
+
+def _ends_with_newline(path: Path, size: int) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1) == b"\n"
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from context_storage.jsonl_log import JsonlLog
+from context_storage.jsonl_log import JsonlLog, append_line, encode_line
+from db.private_files import open_private
 
 CHARS_PER_TOKEN = 4
 
@@ -27,15 +28,18 @@ class MessageStore:
         self.messages_file = self.context_dir / "messages.jsonl"
         self.current_file = self.context_dir / "current.jsonl"
         self._messages = JsonlLog(self.messages_file, key="seq")
+        self._lock = threading.RLock()
 
     def add_message(self, role: str, content: str, tool_name: str | None = None) -> int:
         """Append a message to both files; return its sequence number."""
-        seq = self._append_history(role, content, estimate_tokens(content), tool_name)
         current: dict[str, Any] = {"role": role, "content": content}
         if tool_name is not None:
             current["tool_name"] = tool_name
-        with self.current_file.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(current, ensure_ascii=False) + "\n")
+        line = encode_line(current)
+        # One message at a time, so that both files take the messages in the same order.
+        with self._lock:
+            seq = self._append_history(role, content, estimate_tokens(content), tool_name)
+            append_line(self.current_file, lambda: line)
         return seq
 
     def count_messages(self) -> int:
@@ -56,9 +60,10 @@ class MessageStore:
 
     def recreate_current_context(self, summary_text: str, summary_tokens: int, unsummarized_file_path: Path) -> None:
         """Replace current.jsonl by the summary (as an assistant message) and the unsummarised lines."""
-        summary = json.dumps({"role": "assistant", "content": summary_text}, ensure_ascii=False) + "\n"
-        _write_atomically(self.current_file, [summary, *_read_lines(Path(unsummarized_file_path))])
-        self._append_history("assistant", summary_text, summary_tokens, None)
+        summary = encode_line({"role": "assistant", "content": summary_text}).decode("utf-8")
+        with self._lock:
+            _write_atomically(self.current_file, [summary, *_read_lines(Path(unsummarized_file_path))])
+            self._append_history("assistant", summary_text, summary_tokens, None)
 
     def _append_history(self, role: str, content: str, tokens: int, tool_name: str | None) -> int:
         record: dict[str, Any] = {
@@ -85,7 +90,7 @@ def _read_lines(path: Path) -> list[str]:
 
 def _write_atomically(path: Path, lines: list[str]) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
+    with os.fdopen(open_private(temporary, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as handle:
         handle.writelines(lines)
         handle.flush()
         os.fsync(handle.fileno())

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +19,8 @@ from context_storage.summary_store import SummaryStore
 from context_storage.task_key import TaskKey
 from context_storage.tool_store import ToolStore
 from db import DatabaseError, TaskAlreadyExistsError, TaskRepository
+from db.models.types import canonical_uuid
+from db.private_files import make_private_dirs, open_private
 from db.startup import start_database
 
 logger = logging.getLogger(__name__)
@@ -43,21 +46,24 @@ class TaskContextManager:
         is_resumed: bool = False,
         repository: TaskRepository | None = None,
     ) -> None:
+        # Checked before any file is touched: the uuid names the task's directory.
+        self.uuid = canonical_uuid(task_uuid)
         self.task_key = task_key
-        self.uuid = task_uuid
         self.config = config
         self.user = user
         self.is_resumed = is_resumed
         self.base_dir = Path((config.get("context_storage") or {}).get("base_dir", "contexts"))
         self.running_dir = self.base_dir / "running"
         self.completed_dir = self.base_dir / "completed"
-        self.context_dir = self.running_dir / task_uuid
-        self.running_dir.mkdir(parents=True, exist_ok=True)
-        self.completed_dir.mkdir(parents=True, exist_ok=True)
-        finished_dir = self.completed_dir / task_uuid
+        self.context_dir = self.running_dir / self.uuid
+        # One thread at a time changes the counters, the row, metadata.json or where the directory is.
+        self._lock = threading.RLock()
+        for directory in (self.running_dir, self.completed_dir):
+            make_private_dirs(directory)
+        finished_dir = self.completed_dir / self.uuid
         if is_resumed and not self.context_dir.exists() and finished_dir.exists():
             shutil.move(finished_dir, self.context_dir)
-        self.context_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.context_dir)
         self._open_stores()
         self._repository = repository
         self._pending = dict.fromkeys(STATISTICS, 0)
@@ -83,7 +89,8 @@ class TaskContextManager:
 
     def update_status(self, status: str, error_message: str | None = None) -> None:
         """Record a status change (and any statistics still pending)."""
-        self._write("update_status", lambda repo: repo.update_status(self.uuid, status, error_message))
+        with self._lock:
+            self._write("update_status", lambda repo: repo.update_status(self.uuid, status, error_message))
 
     def update_statistics(
         self, llm_calls: int = 0, tool_calls: int = 0, tokens: int = 0, compressions: int = 0
@@ -93,14 +100,16 @@ class TaskContextManager:
         for name, amount in amounts.items():
             if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {amount!r}")
-        for name, amount in amounts.items():
-            self._pending[name] += amount
-        self._write("update_statistics", None)
+        with self._lock:
+            for name, amount in amounts.items():
+                self._pending[name] += amount
+            self._write("update_statistics", None)
 
     @property
     def pending_statistics(self) -> dict[str, int]:
         """Increments not yet written to the database."""
-        return dict(self._pending)
+        with self._lock:
+            return dict(self._pending)
 
     def complete(self) -> None:
         """Mark the task completed and move its directory to completed/."""
@@ -144,7 +153,10 @@ class TaskContextManager:
         for key in drop:
             metadata.pop(key, None)
         temporary = path.with_name("metadata.json.tmp")
-        temporary.write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
+        descriptor = open_private(temporary, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(descriptor, "wb") as handle:
+            # backslashreplace: a lone surrogate in an error message is kept as its JSON escape.
+            handle.write(json.dumps(metadata, ensure_ascii=False, indent=2).encode("utf-8", "backslashreplace"))
         os.replace(temporary, path)
         return previous
 
@@ -199,10 +211,11 @@ class TaskContextManager:
         return action is None or self._attempt(operation, lambda: action(repository))
 
     def _attempt(self, operation: str, call: Callable[[], object]) -> bool:
-        """False when the database failed or the row was missing (the repository said False)."""
+        """False when the database failed or refused the values, or the row was missing (the repository
+        said False): the task goes on either way."""
         try:
             return call() is not False
-        except DatabaseError as exc:
+        except (DatabaseError, ValueError) as exc:
             logger.error("%s of task %s failed, the task goes on: %s", operation, self.uuid, exc)
             return False
 
@@ -219,6 +232,12 @@ class TaskContextManager:
         return self._repository
 
     def _finish(self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]) -> None:
+        with self._lock:
+            self._finish_locked(status, error_message, action)
+
+    def _finish_locked(
+        self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]
+    ) -> None:
         self._write(status, action, force=True)
         changes: dict[str, Any] = {"status": status, "completed_at": datetime.now(UTC).isoformat()}
         if error_message is not None:

@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # PostgreSQL rolls the whole transaction back on these, so the work can be redone as it is.
-TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+ROLLED_BACK_SQLSTATES = frozenset({"40001", "40P01"})
+# ...and these fail before anything was done: lock not available, too many connections.
+TRANSIENT_SQLSTATES = ROLLED_BACK_SQLSTATES | {"55P03", "53300"}
+# Connection exceptions; operator intervention (admin shutdown, crash shutdown, cannot connect now).
+TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")
+SQLITE_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
 STATUS_POLLS = 100
 STATUS_POLL_SECONDS = 0.05
 
@@ -43,12 +48,24 @@ class _FailedBeforeCommitError(Exception):
 def _is_transient(exc: BaseException) -> bool:
     if not isinstance(exc, _FailedBeforeCommitError):
         return False
-    error = exc.error
+    return is_transient_error(exc.error)
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """True for failures that can succeed when tried again: a lost connection, a busy or locked SQLite file,
+    a serialization failure or deadlock, a server shutting down or starting. Anything else (a missing
+    column, a constraint, bad SQL) is raised at once."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
-    if isinstance(error, OperationalError):
-        return True
-    return _known_rolled_back(error)
+    original = getattr(error, "orig", None)
+    code = getattr(original, "pgcode", None)
+    if code is not None:
+        return code in TRANSIENT_SQLSTATES or code.startswith(TRANSIENT_SQLSTATE_CLASSES)
+    sqlite_code = getattr(original, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF in SQLITE_BUSY_CODES
+    # psycopg2 gives no SQLSTATE for a connection that failed or broke: those are worth another try.
+    return isinstance(error, OperationalError) and type(original).__module__.startswith("psycopg2")
 
 
 def run_in_transaction(
@@ -115,7 +132,7 @@ def _run_once(
 
 
 def _known_rolled_back(error: SQLAlchemyError) -> bool:
-    return getattr(getattr(error, "orig", None), "pgcode", None) in TRANSIENT_SQLSTATES
+    return getattr(getattr(error, "orig", None), "pgcode", None) in ROLLED_BACK_SQLSTATES
 
 
 def postgresql_transaction_committed(connection: DatabaseConnection, transaction_id: str, server_started: str) -> bool:

@@ -191,11 +191,14 @@ def test_invalid_settings_name_the_setting_and_source(
     assert problem in str(caught.value)
 
 
-def test_empty_database_name_is_unset_when_loaded_and_refused_when_given() -> None:
-    loaded = DatabaseConfig.load(nested(type="postgresql", postgresql={"name": ""}), env={"DATABASE_NAME": ""})
-    assert loaded.name == "coding_agent"
+def test_empty_database_name_in_yaml_is_refused_naming_the_key() -> None:
+    with pytest.raises(DatabaseConfigError, match=r"^database\.postgresql\.name \(config\.yaml\): .*must not be empty"):
+        DatabaseConfig.load(nested(type="postgresql", postgresql={"name": ""}), env={"DATABASE_NAME": ""})
     with pytest.raises(DatabaseConfigError, match="name must not be empty"):
         DatabaseConfig(type="postgresql", name="")
+    # An empty optional value (config.yaml ships `user: ""`) and an empty environment variable stay unset.
+    loaded = DatabaseConfig.load(nested(type="postgresql", postgresql={"user": ""}), env={"DATABASE_NAME": ""})
+    assert (loaded.name, loaded.user) == ("coding_agent", None)
 
 
 @pytest.mark.parametrize(

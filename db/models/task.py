@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
@@ -16,6 +17,9 @@ from db.models.types import UTCDateTime, UUIDString, canonical_uuid
 INT_MAX = 2_147_483_647
 INT_MIN = -2_147_483_648
 COUNTER_COLUMNS = ("llm_call_count", "tool_call_count", "total_tokens", "compression_count")
+NUL_REPLACEMENT = "\u2400"
+SURROGATE_REPLACEMENT = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TaskStatus(StrEnum):
@@ -151,9 +155,20 @@ def _check_integer(key: str, value: Any) -> int:
     return value
 
 
+def storable_text(value: str) -> str:
+    """`value` as every backend can store it: NUL (which PostgreSQL text cannot hold) becomes U+2400 `␀`,
+    and a lone surrogate (which UTF-8 cannot encode) becomes U+FFFD `�`; anything else is kept as it is."""
+    if "\x00" in value:
+        value = value.replace("\x00", NUL_REPLACEMENT)
+    if _SURROGATE.search(value):
+        value = _SURROGATE.sub(SURROGATE_REPLACEMENT, value)
+    return value
+
+
 def _check_string(key: str, value: Any, length: int | None) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {type(value).__name__}")
+    value = storable_text(value)
     if length is not None and len(value) > length:
         raise ValueError(f"{key} is {len(value)} characters long; at most {length} are allowed")
     return value
