@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -331,10 +332,11 @@ def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: s
 
 def mask_url(url: URL) -> str:
     """`url` as text with its password and secret query parameters shown as `***`."""
-    secret = {key: MASK for key in url.query if key.lower() in SECRET_QUERY_KEYS}
-    return url.update_query_dict(secret).render_as_string(hide_password=True) if secret else url.render_as_string(
-        hide_password=True
-    )
+    rendered = url.render_as_string(hide_password=True)
+    return _SECRET_QUERY_VALUE.sub(rf"\g<1>{MASK}", rendered)
+
+
+_SECRET_QUERY_VALUE = re.compile(rf"([?&](?:{'|'.join(sorted(SECRET_QUERY_KEYS))})=)[^&]*", re.IGNORECASE)
 
 
 def _normalise_type(value: Any) -> str:

@@ -141,6 +141,9 @@ def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
         "CREATE INDEX ix_extra ON tasks (owner)",
         "TRUNCATE tasks",
         "CREATE SCHEMA side",
+        "UPDATE alembic_version SET version_num = '0001'",
+        "DELETE FROM alembic_version",
+        "INSERT INTO alembic_version VALUES ('9999')",
     ]
     try:
         for statement in refused:
@@ -148,3 +151,20 @@ def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
                 conn.execute(text(statement))
     finally:
         engine.dispose()
+
+
+def test_role_passwords_stay_out_of_the_statement_statistics(
+    postgres_server: PostgresServer, initialised_database: dict[str, str]
+) -> None:
+    url = postgres_server.database_url(initialised_database["POSTGRES_DB"])
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            preloaded = conn.exec_driver_sql("SHOW shared_preload_libraries").scalar_one()
+            assert "pg_stat_statements" in str(preloaded), "the test server must record statements"
+            queries = [str(row[0]) for row in conn.exec_driver_sql("SELECT query FROM pg_stat_statements")]
+    finally:
+        engine.dispose()
+    assert queries
+    for secret in (initialised_database["DB_OWNER_PASSWORD"], initialised_database["DB_RUNTIME_PASSWORD"]):
+        assert all(secret not in query for query in queries)

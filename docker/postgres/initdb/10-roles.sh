@@ -14,6 +14,11 @@ psql --no-psqlrc -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTG
 \getenv runtime DB_RUNTIME_USER
 \getenv runtime_password DB_RUNTIME_PASSWORD
 
+-- The CREATE ROLE statements carry passwords: keep them out of pg_stat_statements and the server log.
+SET pg_stat_statements.track_utility = off;
+SET log_statement = 'none';
+SET log_min_duration_statement = -1;
+
 CREATE ROLE :"owner" LOGIN PASSWORD :'owner_password' NOSUPERUSER NOCREATEDB NOCREATEROLE;
 CREATE ROLE :"runtime" LOGIN PASSWORD :'runtime_password' NOSUPERUSER NOCREATEDB NOCREATEROLE;
 
@@ -30,6 +35,16 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
     GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO :"runtime";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
     GRANT USAGE, SELECT ON SEQUENCES TO :"runtime";
+
+-- The schema's record belongs to the owner alone: the runtime may read which revision is applied, never
+-- change it. Created here (as Alembic would create it) so that the default privileges above can be narrowed.
+SET ROLE :"owner";
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL,
+    CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)
+);
+REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON alembic_version FROM :"runtime";
+RESET ROLE;
 
 -- Monitoring (python main.py db stats): query texts of every role.
 GRANT pg_read_all_stats TO :"owner";
