@@ -122,7 +122,6 @@ class JsonlLog:
                 yield record
 
 
-
 def _ends_with_newline(path: Path, size: int) -> bool:
     with path.open("rb") as handle:
         handle.seek(size - 1)

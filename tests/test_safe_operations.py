@@ -119,7 +119,11 @@ def test_a_damaged_backup_is_refused_and_changes_nothing(tmp_path: Path) -> None
     "statements",
     [
         ["CREATE TABLE tasks(a)"],
-        ["CREATE TABLE tasks(a)", "CREATE TABLE alembic_version(version_num)", "INSERT INTO alembic_version VALUES ('0002')"],
+        [
+            "CREATE TABLE tasks(a)",
+            "CREATE TABLE alembic_version(version_num)",
+            "INSERT INTO alembic_version VALUES ('0002')",
+        ],
     ],
 )
 def test_a_file_without_this_codes_tasks_table_is_refused(tmp_path: Path, statements: list[str]) -> None:
@@ -302,7 +306,7 @@ def test_db_stats_never_shows_a_password_from_the_statement_statistics(connectio
 
 
 def test_database_backups_and_directories_are_private_whatever_the_umask(tmp_path: Path) -> None:
-    command = f"umask 000; exec {sys.executable} {MAIN} \"$@\""
+    command = f'umask 000; exec {sys.executable} {MAIN} "$@"'
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "APP_ENV"))}
 
     def run_umask(*args: str) -> subprocess.CompletedProcess[str]:
@@ -335,7 +339,10 @@ def test_an_error_that_cannot_pass_is_raised_at_once(
 ) -> None:
     with pytest.raises(DatabaseError, match=r"(?i)no such column|does not exist"):
         run_in_transaction(
-            connection, lambda session: session.execute(text("SELECT no_such_column FROM tasks")), "probe", redo_safe=True
+            connection,
+            lambda session: session.execute(text("SELECT no_such_column FROM tasks")),
+            "probe",
+            redo_safe=True,
         )
     assert not [record for record in caplog.records if "retrying" in record.getMessage()]
 
