@@ -168,7 +168,7 @@ def storable_text(value: str) -> str:
 def _check_string(key: str, value: Any, length: int | None) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {type(value).__name__}")
-    value = storable_text(value)
-    if length is not None and len(value) > length:
-        raise ValueError(f"{key} is {len(value)} characters long; at most {length} are allowed")
-    return value
+    text = storable_text(value)
+    if length is not None and len(text) > length:
+        raise ValueError(f"{key} is {len(text)} characters long; at most {length} are allowed")
+    return text
