@@ -171,6 +171,19 @@ def test_postgresql_restore_verifies_the_dump_and_keeps_what_it_replaces(
     repo = TaskRepository(blank_connection)
     kept = {repo.create(task_data()).uuid for _ in range(3)}
     monkeypatch.chdir(tmp_path)
+    command_lines: list[str] = []
+    real_run, real_popen = subprocess.run, subprocess.Popen
+
+    def recording_run(args: list[str], **kwargs: object) -> object:
+        command_lines.append(" ".join(args))
+        return real_run(args, **kwargs)  # type: ignore[call-overload]
+
+    def recording_popen(args: list[str], **kwargs: object) -> object:
+        command_lines.append(" ".join(args))
+        return real_popen(args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
     # A name pg_restore would read as an option without `--` before it.
     backup = backup_database(blank_connection, Path("-d.dump"))
     brought = {repo.create(task_data()).uuid for _ in range(4)}
@@ -187,6 +200,10 @@ def test_postgresql_restore_verifies_the_dump_and_keeps_what_it_replaces(
     assert result.replaced_copy is not None and result.replaced_copy.is_file()
     restore_database(blank_connection, result.replaced_copy)
     assert set(all_tasks(blank_connection)) == kept | brought
+    # The password reaches pg_dump and pg_restore through their environment, never their command line.
+    password = blank_connection.config.sqlalchemy_url.password
+    assert password and any("pg_restore" in line for line in command_lines)
+    assert all(str(password) not in line for line in command_lines)
 
 
 # 3. --overwrite asks first and keeps newer rows
