@@ -27,20 +27,42 @@ def encode_line(record: dict[str, Any]) -> bytes:
 
 def append_line(path: Path, build: Callable[[], bytes]) -> int:
     """Append the line `build()` returns, holding an exclusive lock on the file from before `build` runs
-    until the line is written; a torn last line is ended first. Return the file's new size."""
-    descriptor = open_private(path, os.O_WRONLY | os.O_APPEND)
+    until the line is written. A torn last line (a crash mid-write) is first cut off and set apart in
+    `<name>.torn`, so that it never glues onto the new line. Return the file's new size."""
+    descriptor = open_private(path, os.O_RDWR | os.O_APPEND)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
+        size = _cut_torn_tail(descriptor, path)
         line = build()
-        size = os.fstat(descriptor).st_size
-        if size and not _ends_with_newline(path, size):
-            line = b"\n" + line
         view = memoryview(line)
         while view:
             view = view[os.write(descriptor, view) :]
         return size + len(line)
     finally:
         os.close(descriptor)  # also releases the lock
+
+
+def _cut_torn_tail(descriptor: int, path: Path) -> int:
+    """Truncate the file after its last newline, keeping what follows in `<name>.torn`; the new size."""
+    size = os.fstat(descriptor).st_size
+    if size == 0 or os.pread(descriptor, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - TAIL_CHUNK)
+        found = os.pread(descriptor, end - start, start).rfind(b"\n")
+        if found >= 0:
+            end = start + found + 1
+            break
+        end = start
+    torn = os.pread(descriptor, size - end, end)
+    aside = open_private(path.with_name(path.name + ".torn"), os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(aside, torn + b"\n")
+    finally:
+        os.close(aside)
+    os.ftruncate(descriptor, end)
+    return end
 
 
 class JsonlLog:
@@ -106,11 +128,13 @@ class JsonlLog:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every complete record, oldest first."""
-        if not self.path.exists():
+        try:
+            handle = self.path.open("rb")
+        except FileNotFoundError:
             return
-        with self.path.open(encoding="utf-8") as handle:
+        with handle:
             for line in handle:
-                record = _parse(line.encode("utf-8"))
+                record = _parse(line)
                 if record is not None:
                     yield record
 
@@ -120,12 +144,6 @@ class JsonlLog:
             record = _parse(line)
             if record is not None:
                 yield record
-
-
-def _ends_with_newline(path: Path, size: int) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(size - 1)
-        return handle.read(1) == b"\n"
 
 
 def _parse(line: bytes) -> dict[str, Any] | None:
@@ -139,22 +157,29 @@ def _parse(line: bytes) -> dict[str, Any] | None:
 
 
 def _reversed_lines(path: Path) -> Iterator[bytes]:
+    """The file's non-empty lines, last first; each byte is read once, however long the lines."""
     try:
         handle = path.open("rb")
     except FileNotFoundError:
         return
     with handle:
         position = handle.seek(0, os.SEEK_END)
-        pending = b""
+        pending: list[bytes] = []  # pieces of the line being put together, the last piece first
         while position > 0:
             step = min(TAIL_CHUNK, position)
             position -= step
             handle.seek(position)
-            pending = handle.read(step) + pending
-            lines = pending.split(b"\n")
-            pending = lines[0]
-            for line in reversed(lines[1:]):
-                if line:
-                    yield line
-        if pending:
-            yield pending
+            pieces = handle.read(step).split(b"\n")
+            pending.append(pieces[-1])
+            if len(pieces) == 1:
+                continue
+            line = b"".join(reversed(pending))
+            if line:
+                yield line
+            for piece in reversed(pieces[1:-1]):
+                if piece:
+                    yield piece
+            pending = [pieces[0]]
+        line = b"".join(reversed(pending))
+        if line:
+            yield line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from datetime import UTC, datetime
@@ -29,6 +30,10 @@ class MessageStore:
         self.current_file = self.context_dir / "current.jsonl"
         self._messages = JsonlLog(self.messages_file, key="seq")
         self._lock = threading.RLock()
+        # (inode, size) of current.jsonl when its records were last counted, and that count: appends are
+        # counted from where the last count ended, so the count costs what was added, not the whole file.
+        self._counted: tuple[int, int] = (-1, 0)
+        self._current_count = 0
 
     def add_message(self, role: str, content: str, tool_name: str | None = None) -> int:
         """Append a message to both files; return its sequence number."""
@@ -77,15 +82,43 @@ class MessageStore:
         return self._messages.append(record)
 
     def _current_lines(self) -> int:
-        return len(_read_lines(self.current_file))
+        with self._lock:
+            try:
+                info = self.current_file.stat()
+            except FileNotFoundError:
+                return 0
+            inode, counted_size = self._counted
+            start = counted_size if info.st_ino == inode and info.st_size >= counted_size else 0
+            if start == 0:
+                self._current_count = 0
+            with self.current_file.open("rb") as handle:
+                handle.seek(start)
+                data = handle.read(info.st_size - start)
+            # Only whole lines are counted; a torn tail is counted once it is cut off or completed.
+            whole = data[: data.rfind(b"\n") + 1]
+            self._current_count += sum(1 for line in whole.split(b"\n") if _is_record(line))
+            self._counted = (info.st_ino, start + len(whole))
+            return self._current_count
+
+
+def _is_record(line: bytes) -> bool:
+    if not line.strip():
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _read_lines(path: Path) -> list[str]:
-    """The non-empty lines of a JSONL file, each ending in a newline; [] for a missing file."""
-    if not path.exists():
+    """The records of a JSONL file as lines ending in a newline, skipping torn or undecodable ones; [] for a
+    missing file."""
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
         return []
-    with path.open(encoding="utf-8") as handle:
-        return [line if line.endswith("\n") else line + "\n" for line in handle if line.strip()]
+    return [line.decode("utf-8") + "\n" for line in raw.split(b"\n") if _is_record(line)]
 
 
 def _write_atomically(path: Path, lines: list[str]) -> None:

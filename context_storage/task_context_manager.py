@@ -15,26 +15,33 @@ from pathlib import Path
 from typing import Any
 
 from context_storage.message_store import MessageStore
+from context_storage.metadata_file import read_metadata, sync_directory, write_metadata
 from context_storage.summary_store import SummaryStore
 from context_storage.task_key import TaskKey
+from context_storage.task_lock import TaskLock
 from context_storage.tool_store import ToolStore
+from context_storage.unsaved import STATISTICS, keep_unsaved, resolve_in_flight, write_unsaved_statistics
 from db import DatabaseError, TaskAlreadyExistsError, TaskRepository
+from db.models import INT_MAX
 from db.models.types import canonical_uuid
-from db.private_files import make_private_dirs, open_private
+from db.private_files import make_private_dirs
 from db.startup import start_database
 
 logger = logging.getLogger(__name__)
 
-STATISTICS = ("llm_calls", "tool_calls", "tokens", "compressions")
-# After a failed database start, writes keep their statistics in memory for this long before trying again.
+# After the database failed (it would not start, or a write lost it), writes keep their statistics in memory
+# for this long before trying again, so that calls do not each wait out a retry.
 START_AGAIN_AFTER_SECONDS = 60.0
+FINISHED = ("completed", "failed", "stopped")
 
 
 class TaskContextManager:
     """Owns one task's context directory and keeps its database row in step.
 
-    The database is never allowed to stop the task's file work: a failed write is logged, and statistics
-    that could not be written are kept and added at the next successful write, finalisation included.
+    The database is never allowed to stop the task's file work: a failed write is logged, and what could not
+    be written (statistics, the final outcome) is kept, in memory and then in metadata.json, until it is.
+    One manager per task at a time: a second one for the same uuid, in any process on the host, is refused
+    with TaskAlreadyRunningError while the first is alive.
     """
 
     def __init__(
@@ -60,23 +67,43 @@ class TaskContextManager:
         self._lock = threading.RLock()
         for directory in (self.running_dir, self.completed_dir):
             make_private_dirs(directory)
+        self._task_lock = TaskLock(self.base_dir, self.uuid)
+        self._task_lock.acquire(self._holder())
+        try:
+            self._start(repository)
+        except BaseException:
+            self._task_lock.release()
+            raise
+
+    def _start(self, repository: TaskRepository | None) -> None:
         finished_dir = self.completed_dir / self.uuid
-        if is_resumed and not self.context_dir.exists() and finished_dir.exists():
+        if self.is_resumed and not self.context_dir.exists() and finished_dir.exists():
             shutil.move(finished_dir, self.context_dir)
         make_private_dirs(self.context_dir)
         self._open_stores()
         self._repository = repository
         self._pending = dict.fromkeys(STATISTICS, 0)
         self._registered = False
+        self._finished: str | None = None
         self._start_again_at = 0.0
-        # Increments an earlier run of this task could not write before it ended are taken over.
-        unsaved = self._write_metadata(drop=("unsaved",)).get("unsaved") or {}
-        for name, amount in (unsaved.get("statistics") or {}).items():
-            if name in self._pending:
-                self._pending[name] += int(amount)
+        metadata = read_metadata(self.context_dir)
+        # Statistics an earlier run could not write wait on disk until the database takes them.
+        self._unsaved_on_disk = bool((metadata.get("unsaved") or {}).keys() - {"outcome"})
+        self._write_metadata(resumed=self.is_resumed)
         self._register_or_update_task()
-        if any(self._pending.values()):
-            self._write("update_statistics", None)
+        if self._registered and self._unsaved_on_disk:
+            self._write("write kept statistics", None)
+
+    def _holder(self) -> str:
+        """Who last worked on the task, from its metadata.json (read only: the lock is not ours yet)."""
+        for directory in (self.context_dir, self.completed_dir / self.uuid):
+            try:
+                metadata = json.loads((directory / "metadata.json").read_bytes())
+            except (OSError, ValueError):
+                continue
+            if isinstance(metadata, dict) and metadata.get("process_id"):
+                return f"process {metadata['process_id']} on {metadata.get('hostname')}"
+        return ""
 
     def get_message_store(self) -> MessageStore:
         return self.message_store
@@ -95,15 +122,22 @@ class TaskContextManager:
     def update_statistics(
         self, llm_calls: int = 0, tool_calls: int = 0, tokens: int = 0, compressions: int = 0
     ) -> None:
-        """Add to the task's counters; kept in memory until the database takes them."""
+        """Add to the task's counters; kept in memory until the database takes them.
+
+        An amount the counters cannot hold (past 2,147,483,647) is refused with ValueError at this call, and
+        nothing of it is kept: the task goes on counting.
+        """
         amounts = dict(zip(STATISTICS, (llm_calls, tool_calls, tokens, compressions), strict=True))
         for name, amount in amounts.items():
-            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {amount!r}")
+            if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= INT_MAX:
+                raise ValueError(f"{name} must be an integer in 0..{INT_MAX}, got {amount!r}")
         with self._lock:
             for name, amount in amounts.items():
                 self._pending[name] += amount
-            self._write("update_statistics", None)
+            if self._write("update_statistics", None) is _REFUSED:
+                for name, amount in amounts.items():
+                    self._pending[name] -= amount
+                raise ValueError(f"task {self.uuid}: the counters cannot take {amounts}; they were not counted")
 
     @property
     def pending_statistics(self) -> dict[str, int]:
@@ -138,27 +172,25 @@ class TaskContextManager:
             "context_length": provider_config.get("context_length"),
         }
 
-    def _write_metadata(self, drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
-        """Create or update metadata.json (this process, `changes`, without `drop`); return what it held."""
-        path = self.context_dir / "metadata.json"
-        previous: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        metadata = previous.copy() or {
+    def _write_metadata(self, *, resumed: bool = False, **changes: Any) -> None:
+        """Create or update metadata.json with this process and `changes`; a resume clears the old outcome."""
+        metadata = read_metadata(self.context_dir) or {
             "uuid": self.uuid,
             "task_key": self.task_key.to_dict(),
             "created_at": datetime.now(UTC).isoformat(),
             "user": self.user,
             "config": self._llm_settings(),
         }
+        if resumed:
+            # The task runs again: an outcome recorded or kept for the database is no longer its outcome.
+            metadata["status"] = "running"
+            for key in ("completed_at", "error_message"):
+                metadata.pop(key, None)
+            unsaved = {key: value for key, value in (metadata.pop("unsaved", None) or {}).items() if key != "outcome"}
+            if unsaved:
+                metadata["unsaved"] = unsaved
         metadata.update(process_id=os.getpid(), hostname=socket.gethostname(), **changes)
-        for key in drop:
-            metadata.pop(key, None)
-        temporary = path.with_name("metadata.json.tmp")
-        descriptor = open_private(temporary, os.O_WRONLY | os.O_TRUNC)
-        with os.fdopen(descriptor, "wb") as handle:
-            # backslashreplace: a lone surrogate in an error message is kept as its JSON escape.
-            handle.write(json.dumps(metadata, ensure_ascii=False, indent=2).encode("utf-8", "backslashreplace"))
-        os.replace(temporary, path)
-        return previous
+        write_metadata(self.context_dir, metadata)
 
     def _register_or_update_task(self, force: bool = False) -> None:
         now = datetime.now(UTC)
@@ -166,20 +198,23 @@ class TaskContextManager:
             "status": "running",
             "started_at": now,
             "completed_at": None,
+            "error_message": None,
             "process_id": os.getpid(),
             "hostname": socket.gethostname(),
         }
         new = {
             "uuid": self.uuid,
             **self.task_key.task_fields(),
-            **resumed,
+            **{key: value for key, value in resumed.items() if value is not None},
             "created_at": now,
             "user": self.user,
             **self._llm_settings(),
         }
-        del new["completed_at"]
 
         def register(repo: TaskRepository) -> None:
+            if self._unsaved_on_disk:
+                # Before this run writes the row: did increments sent by a crashed run land?
+                resolve_in_flight(self.context_dir, self.uuid, repo)
             if self.is_resumed and repo.update(self.uuid, resumed) is not None:
                 return
             try:
@@ -188,13 +223,17 @@ class TaskContextManager:
                 repo.update(self.uuid, resumed)
 
         repository = self._repository_or_none(force)
-        if repository is not None and self._attempt("register", lambda: register(repository)):
+        if repository is not None and self._attempt("register", lambda: register(repository)) is True:
             self._registered = True
 
-    def _write(self, operation: str, action: Callable[[TaskRepository], object] | None, *, force: bool = False) -> bool:
-        """Register if that is still pending, write pending statistics, then do `action`; True if all landed.
+    def _write(
+        self, operation: str, action: Callable[[TaskRepository], object] | None, *, force: bool = False
+    ) -> object:
+        """Register if that is still pending, write what is kept, then do `action`.
 
-        `force`: try to reach the database even within the pause after a failed start (the task is ending).
+        True if everything landed, False if the database was unavailable or failed (or the row is missing),
+        _REFUSED if the counters refused the pending increments (which are then no longer pending).
+        `force`: try to reach the database even within the pause after a failure (the task is ending).
         """
         if not self._registered:
             self._register_or_update_task(force)
@@ -202,55 +241,116 @@ class TaskContextManager:
         if repository is None:
             logger.error("%s of task %s not written: the database is unavailable", operation, self.uuid)
             return False
+        if self._unsaved_on_disk:
+            settled = self._attempt("write kept statistics", lambda: self._write_kept(repository))
+            self._unsaved_on_disk = settled is not True
+            if settled is not True and settled is not _REFUSED:
+                return False
         if any(self._pending.values()):
             amounts = dict(self._pending)
-            if not self._attempt("update_statistics", lambda: repository.update_statistics(self.uuid, **amounts)):
+            written = self._attempt(
+                "update_statistics", lambda: repository.update_statistics(self.uuid, *amounts.values())
+            )
+            if written is _REFUSED:
+                if operation == "update_statistics":
+                    return _REFUSED
+                logger.error("task %s: the counters cannot take %s; dropped", self.uuid, amounts)
+                self._pending = dict.fromkeys(STATISTICS, 0)
+            elif written is not True:
                 return False
-            for name, amount in amounts.items():
-                self._pending[name] -= amount
-        return action is None or self._attempt(operation, lambda: action(repository))
+            else:
+                for name, amount in amounts.items():
+                    self._pending[name] -= amount
+        return True if action is None else self._attempt(operation, lambda: action(repository))
 
-    def _attempt(self, operation: str, call: Callable[[], object]) -> bool:
-        """False when the database failed or refused the values, or the row was missing (the repository
-        said False): the task goes on either way."""
+    def _write_kept(self, repository: TaskRepository) -> bool:
+        # Whether increments in flight when a write failed landed is decided before anything else writes.
+        resolve_in_flight(self.context_dir, self.uuid, repository)
+        return write_unsaved_statistics(self.context_dir, self.uuid, repository)
+
+    def _attempt(self, operation: str, call: Callable[[], object]) -> object:
+        """True when the call succeeded; False when the database failed or the row was missing (the
+        repository said False); _REFUSED when the values were refused. The task goes on in every case."""
         try:
             return call() is not False
-        except (DatabaseError, ValueError) as exc:
+        except ValueError as exc:
+            logger.error("%s of task %s refused: %s", operation, self.uuid, exc)
+            return _REFUSED
+        except DatabaseError as exc:
+            # A lost database: do not make every following call wait out the retry again.
+            self._start_again_at = time.monotonic() + START_AGAIN_AFTER_SECONDS
             logger.error("%s of task %s failed, the task goes on: %s", operation, self.uuid, exc)
             return False
 
     def _repository_or_none(self, force: bool = False) -> TaskRepository | None:
+        paused = time.monotonic() < self._start_again_at
         if self._repository is None:
-            if not force and time.monotonic() < self._start_again_at:
-                return None  # a start just failed: do not make every call wait out the start-up retry again
+            if paused and not force:
+                return None
             try:
                 self._repository = TaskRepository(start_database(self.config))
             except DatabaseError as exc:
                 self._start_again_at = time.monotonic() + START_AGAIN_AFTER_SECONDS
                 logger.error("database unavailable for task %s, the task goes on: %s", self.uuid, exc)
                 return None
+            return self._repository
+        if paused and not (force and self._repository.ping()):
+            return None
         return self._repository
 
     def _finish(self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]) -> None:
         with self._lock:
-            self._finish_locked(status, error_message, action)
+            if self._finished is not None:
+                # A second finish (say, complete() in a finally after fail()): the first outcome stands and the
+                # directory stays where it is; statistics still pending are written.
+                logger.warning(
+                    "task %s already finished as %s; %s() leaves that outcome and the directory as they are",
+                    self.uuid,
+                    self._finished,
+                    {"completed": "complete", "stopped": "stop", "failed": "fail"}[status],
+                )
+                if self._write("update_statistics", None, force=True) is not True and any(self._pending.values()):
+                    keep_unsaved(self.context_dir, statistics=self._pending)
+                    self._pending = dict.fromkeys(STATISTICS, 0)
+                return
+            try:
+                self._finish_locked(status, error_message, action)
+            finally:
+                self._task_lock.release()
 
     def _finish_locked(
         self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]
     ) -> None:
-        self._write(status, action, force=True)
-        changes: dict[str, Any] = {"status": status, "completed_at": datetime.now(UTC).isoformat()}
+        written = self._write(status, action, force=True)
+        completed_at = datetime.now(UTC).isoformat()
+        changes: dict[str, Any] = {"status": status, "completed_at": completed_at}
         if error_message is not None:
             changes["error_message"] = error_message
-        if any(self._pending.values()):
-            # Kept on disk so that resuming the task writes them; the process may end right after this.
-            changes["unsaved"] = {"statistics": dict(self._pending)}
         self._write_metadata(**changes)
+        # Kept on disk so that a resume or `tasks reconcile` writes them; the process may end right after this.
+        outcome = None
+        if written is not True:
+            outcome = {"status": status, "error_message": error_message, "completed_at": completed_at}
+        if outcome is not None or any(self._pending.values()):
+            keep_unsaved(self.context_dir, statistics=self._pending, outcome=outcome)
+            self._pending = dict.fromkeys(STATISTICS, 0)
         target = self.completed_dir / self.uuid
         if target.exists():
-            target = self.completed_dir / f"{self.uuid}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+            target = self.completed_dir / f"{self.uuid}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
             logger.warning("completed/%s exists; moving task %s to %s", self.uuid, self.uuid, target)
         if self.context_dir.exists():
             shutil.move(self.context_dir, target)
+            sync_directory(self.completed_dir)
         self.context_dir = target
+        self._finished = status
         self._open_stores()
+
+
+class _Refused:
+    """The database refused the values (a counter would pass INTEGER): not worth trying again."""
+
+    def __repr__(self) -> str:
+        return "REFUSED"
+
+
+_REFUSED = _Refused()

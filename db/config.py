@@ -61,6 +61,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("startup_timeout", "DATABASE_STARTUP_TIMEOUT", ("database.startup_timeout",), 30.0),
     Setting("retry_timeout", "DATABASE_RETRY_TIMEOUT", ("database.retry_timeout",), 10.0),
     Setting("slow_query_ms", "DATABASE_SLOW_QUERY_MS", ("database.slow_query_ms",), 500),
+    Setting("statement_timeout", "DATABASE_STATEMENT_TIMEOUT", ("database.statement_timeout",), 30.0),
+    Setting("lock_timeout", "DATABASE_LOCK_TIMEOUT", ("database.lock_timeout",), 5.0),
     Setting("echo", "DATABASE_ECHO", ("database.echo",), False),
 )
 BASE_DIR_KEY = "context_storage.base_dir"
@@ -102,6 +104,8 @@ class DatabaseConfig:
     startup_timeout: float = 30.0
     retry_timeout: float = 10.0
     slow_query_ms: int = 500
+    statement_timeout: float = 30.0
+    lock_timeout: float = 5.0
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,7 +137,7 @@ class DatabaseConfig:
         _check_int(self.connect_timeout, 1, self._label("connect_timeout"), "> 0")
         _check_int(self.sqlite_backups_kept, 1, self._label("sqlite_backups_kept"), ">= 1")
         _check_int(self.slow_query_ms, 0, self._label("slow_query_ms"), ">= 0 (0 logs every statement)")
-        for name in ("startup_timeout", "retry_timeout"):
+        for name in ("startup_timeout", "retry_timeout", "statement_timeout", "lock_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
                 self._fail(name, f"must be a finite number of seconds >= 0, got {value!r}")
@@ -189,6 +193,8 @@ class DatabaseConfig:
             startup_timeout=_to_float(values["startup_timeout"], sources["startup_timeout"]),
             retry_timeout=_to_float(values["retry_timeout"], sources["retry_timeout"]),
             slow_query_ms=_to_int(values["slow_query_ms"], sources["slow_query_ms"]),
+            statement_timeout=_to_float(values["statement_timeout"], sources["statement_timeout"]),
+            lock_timeout=_to_float(values["lock_timeout"], sources["lock_timeout"]),
             sources=sources,
         )
 

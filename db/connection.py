@@ -74,6 +74,12 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
         connect_args: dict[str, Any] = {}
         if url.get_driver_name() == "psycopg2":
             connect_args = {"connect_timeout": config.connect_timeout, "application_name": APPLICATION_NAME}
+            # Every statement is bounded, so a lock held elsewhere (LOCK TABLE, a migration queued behind a long
+            # transaction) makes a write give up instead of stopping the agent. Sent once, at connection.
+            limits = (("statement_timeout", config.statement_timeout), ("lock_timeout", config.lock_timeout))
+            bounds = [f"-c {name}={round(seconds * 1000)}" for name, seconds in limits if seconds]
+            if bounds:
+                connect_args["options"] = " ".join(bounds)
         # No pre-ping: a connection the server dropped is retried once by the repository instead, which
         # costs nothing on the common path.
         return create_engine(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from filelock import FileLock
 from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy.exc import DBAPIError
 
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
@@ -31,6 +33,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number; it names the lock that serialises migrations on a PostgreSQL database.
 ADVISORY_LOCK_KEY = 0x7461736B73
 FILE_LOCK_TIMEOUT = 600
+# Migrations wait at most this long for a table lock before letting the agents' statements through again.
+MIGRATION_LOCK_TIMEOUT_MS = 2000
+LOCK_NOT_AVAILABLE = "55P03"
 LEGACY = "legacy"
 
 
@@ -132,10 +137,7 @@ def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> Upgr
         if backup and before.current is not None and file_backed:
             copy = backup_engine_database(database.engine, backup_path_for(Path(str(path)), f"before-{before.head}"))
         try:
-            with database.engine.begin() as connection:
-                if connection.dialect.name == "postgresql":
-                    connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
-                command.upgrade(alembic_config(connection), "head")
+            _upgrade_to_head(database)
         except BaseException:
             if copy is not None:
                 remove_with_journals(copy)
@@ -145,6 +147,31 @@ def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> Upgr
             _prune_copies(Path(copy), Path(str(path)), database.config.sqlite_backups_kept)
     logger.info("schema upgraded from %s to %s", before.describe(), before.head)
     return UpgradeResult(before, before.head, copy)
+
+
+def _upgrade_to_head(database: DatabaseConnection) -> None:
+    """Run the migrations in one transaction. On PostgreSQL their table locks are taken with a short lock
+    timeout and the whole upgrade retried, so an ALTER TABLE never queues the agents behind a long transaction."""
+    deadline = time.monotonic() + FILE_LOCK_TIMEOUT
+    attempt = 0
+    while True:
+        try:
+            with database.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # No limit while waiting for another process's upgrade, nor on the migrations' own work.
+                    connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
+                    connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                    connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
+                    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS}")
+                command.upgrade(alembic_config(connection), "head")
+            return
+        except DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE or time.monotonic() > deadline:
+                raise
+            attempt += 1
+            pause = min(0.1 * 2**attempt, 5.0)
+            logger.warning("schema upgrade: a table is locked by another transaction; trying again in %.1fs", pause)
+            time.sleep(pause)
 
 
 def _prune_copies(latest: Path, database: Path, keep: int) -> None:

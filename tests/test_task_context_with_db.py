@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from context_storage import (
     GitLabMergeRequestTaskKey,
     TaskContextManager,
     TaskKey,
+    task_context_manager,
 )
 from db import DatabaseConnection, Task, TaskRepository
 from db.startup import start_database
@@ -140,7 +142,11 @@ def test_an_injected_repository_is_used(agent_config: dict[str, Any]) -> None:
     assert task is not None and task.status == "completed"
 
 
-def test_statistics_survive_a_database_outage(own_cluster: PostgresServer, tmp_path: Path) -> None:
+def test_statistics_survive_a_database_outage(
+    own_cluster: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pause = 1.0
+    monkeypatch.setattr(task_context_manager, "START_AGAIN_AFTER_SECONDS", pause)
     cluster = own_cluster.cluster
     assert cluster is not None
     config = {
@@ -165,6 +171,7 @@ def test_statistics_survive_a_database_outage(own_cluster: PostgresServer, tmp_p
     assert manager.pending_statistics == {"llm_calls": 6, "tool_calls": 9, "tokens": 600, "compressions": 3}
 
     cluster.resume()
+    time.sleep(pause)  # the pause after the failure ends
     manager.update_statistics(llm_calls=1)
     assert manager.pending_statistics == dict.fromkeys(manager.pending_statistics, 0)
     assert counters(stored(manager.uuid)) == (8, 10, 700, 3)
@@ -174,6 +181,7 @@ def test_statistics_survive_a_database_outage(own_cluster: PostgresServer, tmp_p
     manager.complete()  # the database is down: the files still move, the row waits
     assert manager.context_dir.parent.name == "completed"
     cluster.resume()
+    time.sleep(pause)
     late.complete()
     late_row = stored(late.uuid)
     assert late_row.status == "completed" and late_row.total_tokens == 5
@@ -181,7 +189,8 @@ def test_statistics_survive_a_database_outage(own_cluster: PostgresServer, tmp_p
     # Finalisation failed while the server was down: what it could not write waits in metadata.json.
     assert stored(manager.uuid).total_tokens == 700
     unsaved = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))["unsaved"]
-    assert unsaved == {"statistics": {"llm_calls": 0, "tool_calls": 0, "tokens": 50, "compressions": 0}}
+    assert unsaved["statistics"] == {"llm_calls": 0, "tool_calls": 0, "tokens": 50, "compressions": 0}
+    assert unsaved["outcome"]["status"] == "completed"
     resumed = TaskContextManager(manager.task_key, manager.uuid, config, is_resumed=True)
     assert counters(stored(manager.uuid)) == (8, 10, 750, 3)
     resumed.complete()

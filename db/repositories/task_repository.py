@@ -54,7 +54,7 @@ _BY_UUID = select(Task).where(Task.uuid == bindparam("key"))
 
 
 @functools.cache
-def _counter_update(added: tuple[str, ...], postgresql: bool) -> Any:
+def _counter_update(added: tuple[str, ...], postgresql: bool, guarded: bool = False) -> Any:
     """`UPDATE tasks SET col = col + :add_col ... WHERE uuid = :key` for the counters in `added`, built once.
 
     Core, not ORM: nothing in a session needs synchronising, and a statement built once skips the per-call
@@ -64,6 +64,8 @@ def _counter_update(added: tuple[str, ...], postgresql: bool) -> Any:
     table: Table = Task.__table__  # type: ignore[assignment]
     values: dict[str, Any] = {"updated_at": bindparam("now", type_=UTCDateTime())}
     guards: list[ColumnElement[bool]] = [table.c.uuid == bindparam("key")]
+    if guarded:
+        guards.append(table.c.updated_at == bindparam("expected", type_=UTCDateTime()))
     for name in added:
         amount = bindparam(f"add_{name}", type_=Integer())
         values[name] = table.c[name] + amount
@@ -90,6 +92,10 @@ class TaskRepository:
     def __init__(self, connection: DatabaseConnection | None = None) -> None:
         self._connection = connection if connection is not None else DatabaseConnection.get_instance()
         self._columns = _column_names()
+
+    def ping(self) -> bool:
+        """True when the database answers now (one attempt, no retry); never raises."""
+        return self._connection.health_check()
 
     def create(self, task_data: Mapping[str, Any]) -> Task:
         """Insert a new task; `status` defaults to running. Raises TaskAlreadyExistsError for a known uuid."""
@@ -167,9 +173,20 @@ class TaskRepository:
         return self._report(self._update_row(key, values, "update_status"), "update_status", key)
 
     def update_statistics(
-        self, uuid: str, llm_calls: int = 0, tool_calls: int = 0, tokens: int = 0, compressions: int = 0
+        self,
+        uuid: str,
+        llm_calls: int = 0,
+        tool_calls: int = 0,
+        tokens: int = 0,
+        compressions: int = 0,
+        *,
+        if_updated_at: datetime | None = None,
     ) -> bool:
-        """Add to the counters in one atomic UPDATE, so concurrent callers lose nothing."""
+        """Add to the counters in one atomic UPDATE, so concurrent callers lose nothing.
+
+        `if_updated_at`: add only if the row's `updated_at` is still this (False otherwise, nothing written),
+        which makes writing a batch of increments kept on disk safe to repeat after a crash.
+        """
         key = canonical_uuid(uuid)
         amounts = dict(zip(COUNTER_COLUMNS, (llm_calls, tool_calls, tokens, compressions), strict=True))
         for name, amount in amounts.items():
@@ -177,9 +194,16 @@ class TaskRepository:
                 raise ValueError(f"{name} increment must be an integer in 0..{INT_MAX}, got {amount!r}")
         added = tuple(name for name, amount in amounts.items() if amount)
         parameters = {"key": key, "now": utcnow(), **{f"add_{name}": amounts[name] for name in added}}
+        if if_updated_at is not None:
+            parameters["expected"] = Task.check_values({"updated_at": if_updated_at})["updated_at"]
         found = self._add_to_counters(added, parameters)
-        if not found and added and self.get_by_uuid(key) is not None:
-            raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
+        if not found and added:
+            current = self.get_by_uuid(key)
+            if current is not None and (if_updated_at is None or current.updated_at == if_updated_at):
+                raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
+            if current is not None:
+                logger.debug("update_statistics: task %s changed since %s; nothing added", key, if_updated_at)
+                return False
         return self._report(found, "update_statistics", key)
 
     def complete(self, uuid: str) -> bool:
@@ -285,7 +309,7 @@ class TaskRepository:
         """Add to counters: never redone once it may have committed. On PostgreSQL the transaction id comes
         back with the UPDATE (no extra round trip), so a COMMIT whose answer was lost can be looked up."""
         postgresql = self._connection.config.backend == "postgresql"
-        statement = _counter_update(added, postgresql)
+        statement = _counter_update(added, postgresql, "expected" in parameters)
         if not postgresql:
             found = run_in_transaction(
                 self._connection,
