@@ -20,9 +20,11 @@ from typing import TypeAlias
 
 from tqdm import tqdm
 
+from context_storage.reconcile import find_discrepancies
+from context_storage.task_lock import TaskAlreadyRunningError
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository, TaskStatus, TaskUsageQuery
 from db.backup import backup_database, restore_database
-from db.config import SETTINGS
+from db.config import SETTINGS, load_base_dir
 from db.connection import describe_driver_error
 from db.data_migration import MAX_BATCH, migrate_data
 from db.repositories.task_repository import MAX_PAGE, PREVIOUS_STATUSES
@@ -333,6 +335,34 @@ def cmd_tasks_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks_reconcile(args: argparse.Namespace) -> int:
+    connection = _connect(args)
+    require_current_schema(connection)
+    repository = TaskRepository(connection)
+    base_dir = load_base_dir(args.config)
+    found = find_discrepancies(base_dir, repository)
+    if not found:
+        print(f"task directories under {base_dir} and rows agree")
+        return 0
+    _print_table(
+        ("uuid", "problem", "fix" if args.yes else "fix with --yes"),
+        [(item.uuid, item.problem, item.fix or "- (look at it by hand)") for item in found],
+    )
+    if not args.yes:
+        return EXIT_ERROR
+    fixed = 0
+    for item in found:
+        if item.apply is None:
+            continue
+        try:
+            item.apply()
+            fixed += 1
+        except TaskAlreadyRunningError as exc:
+            print(f"skipped {item.uuid}: {exc}", file=sys.stderr)
+    print(f"fixed {fixed} of {len(found)}")
+    return 0 if fixed == len(found) else EXIT_ERROR
+
+
 def parse_task_reference(reference: str) -> dict[str, str | None]:
     """`OWNER/REPO#N` (GitHub issue or pull request), `PROJECT!IID` (GitLab merge request) or
     `gitlab:PROJECT#IID` (GitLab issue) as task fields."""
@@ -505,6 +535,13 @@ def _add_tasks_commands(tree: _CommandTree) -> None:
     history.add_argument("--all", action="store_true", help="every status, not only completed and stopped runs")
     history.add_argument("--limit", type=_positive_limit, default=20, help="at most this many (default 20)")
     history.add_argument("--json", action="store_true", help="print JSON")
+    reconcile = tree.command(
+        tasks,
+        "reconcile",
+        cmd_tasks_reconcile,
+        "compare task directories with their rows after crashes and outages; --yes puts them in step",
+    )
+    reconcile.add_argument("--yes", action="store_true", help="make the fixes listed")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -236,6 +236,14 @@ class DatabaseConfig:
         return f"DatabaseConfig(backend={self.backend!r}, url={self.safe_url!r}, pool={self.pool!r})"
 
 
+def load_base_dir(config: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> Path:
+    """`context_storage.base_dir` of config.yaml (default `contexts`): where task directories and, by default,
+    the SQLite file live."""
+    document, file_label = _read_config(config)
+    value, _ = _Resolver({}, document, file_label).lookup(BASE_DIR_KEY)
+    return Path(DEFAULT_BASE_DIR if value in (None, "") else str(value))
+
+
 class _Resolver:
     """Looks a setting up in the environment, then the YAML document, recording where each value came from."""
 
