@@ -34,6 +34,8 @@ class MessageStore:
         # counted from where the last count ended, so the count costs what was added, not the whole file.
         self._counted: tuple[int, int] = (-1, 0)
         self._current_count = 0
+        # (lines of current.jsonl, last message number, their tokens) at the last get_current_token_count().
+        self._token_count: tuple[int, int, int] = (-1, 0, 0)
 
     def add_message(self, role: str, content: str, tool_name: str | None = None) -> int:
         """Append a message to both files; return its sequence number."""
@@ -52,8 +54,19 @@ class MessageStore:
         return self._messages.last_number()
 
     def get_current_token_count(self) -> int:
-        """Tokens of the messages now in the live context: the last N, N being the lines of current.jsonl."""
-        return sum(int(record.get("tokens", 0)) for record in self._messages.tail(self._current_lines()))
+        """Tokens of the messages now in the live context: the last N, N being the lines of current.jsonl.
+
+        Messages added since the last call are added to the last answer, so a call costs what changed.
+        """
+        with self._lock:
+            lines, last = self._current_lines(), self._messages.last_number()
+            counted_lines, counted_last, total = self._token_count
+            added = last - counted_last
+            if counted_lines < 0 or added < 0 or lines - counted_lines != added:
+                added, total = lines, 0  # the context was rewritten (or the files disagree): count it afresh
+            total += sum(int(record.get("tokens", 0)) for record in self._messages.tail(added))
+            self._token_count = (lines, last, total)
+            return total
 
     def get_current_context_file(self, unsummarized_file_path: Path | None = None) -> Path:
         """current.jsonl, or current_combined.jsonl: current.jsonl followed by the given file's lines."""

@@ -383,3 +383,25 @@ def test_statement_and_lock_timeouts_reach_the_server(postgres_url: Any) -> None
     with connection.engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "2500ms"
         assert conn.exec_driver_sql("SHOW statement_timeout").scalar_one() == "30s"
+
+
+# 9. Counting costs what changed: the running count always equals a count made afresh
+
+
+def test_the_running_token_count_equals_a_fresh_count(tmp_path: Path) -> None:
+    from context_storage import MessageStore
+
+    store = MessageStore(tmp_path, {})
+    rest = tmp_path / "rest.jsonl"
+    for index in range(30):
+        store.add_message("user", "x" * (index * 7))
+        if index % 4 == 0:
+            assert store.get_current_token_count() == MessageStore(tmp_path, {}).get_current_token_count()
+        if index == 20:
+            rest.write_text('{"role": "user", "content": "kept"}\n', encoding="utf-8")
+            store.recreate_current_context("summary " * 10, 25, rest)
+            assert store.get_current_token_count() == MessageStore(tmp_path, {}).get_current_token_count()
+    # current.jsonl: the summary, the kept line, then 9 messages: the last 11 messages by the counting rule.
+    expected = (20 * 7) // 4 + 25 + sum((index * 7) // 4 for index in range(21, 30))
+    assert store.get_current_token_count() == expected
+    assert MessageStore(tmp_path, {}).get_current_token_count() == expected
