@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,12 +46,37 @@ def own_cluster() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(postgres_server: PostgresServer) -> URL:
-    """URL of a database reserved for the test session (created afresh unless TEST_DATABASE_URL names one)."""
-    if postgres_server.cluster is None and postgres_server.description == "TEST_DATABASE_URL":
-        return postgres_server.url
-    postgres_server.execute_admin(f"DROP DATABASE IF EXISTS {TEST_DATABASE}", f"CREATE DATABASE {TEST_DATABASE}")
-    return postgres_server.database_url(TEST_DATABASE)
+def postgres_url(postgres_server: PostgresServer) -> Iterator[URL]:
+    """URL of a database the suite creates for itself on the server, and drops at the end: the server's other
+    databases (TEST_DATABASE_URL may name a server in use) are never touched."""
+    name = f"{TEST_DATABASE}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    postgres_server.execute_admin(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_server.database_url(name)
+    finally:
+        DatabaseConnection.reset()
+        postgres_server.execute_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound (so nobody else can take it) but
+    never listening. A port merely found free could be taken by another process before it is used."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _settings_of_the_tests_only() -> Iterator[None]:
+    """The suite runs on the settings it gives, not on DATABASE_* or APP_ENV of the shell (or a container)."""
+    inherited = {key: value for key, value in os.environ.items() if key.startswith("DATABASE_") or key == "APP_ENV"}
+    for key in inherited:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(inherited)
 
 
 def url_config(url: URL, **overrides: Any) -> DatabaseConfig:

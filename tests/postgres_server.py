@@ -232,20 +232,36 @@ def _start_container() -> PostgresServer:
     return PostgresServer(url, "postgres:16 container (testcontainers)", container.stop)
 
 
+def _server_url(text: str) -> URL:
+    """TEST_DATABASE_URL as the URL of a server on which the suite creates and drops databases of its own."""
+    try:
+        url = make_url(text)
+    except Exception:
+        raise PostgresUnavailableError("TEST_DATABASE_URL is not a valid URL") from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise PostgresUnavailableError(
+            f"TEST_DATABASE_URL must name a PostgreSQL server (postgresql://user:password@host:port/postgres), "
+            f"not {url.get_backend_name()}"
+        )
+    # The database it names is only where the suite connects to create its own.
+    return url.set(drivername="postgresql+psycopg2")
+
+
 def start_postgres(*, need_cluster: bool = False) -> PostgresServer:
     """Start or find a server; `need_cluster` insists on a throwaway cluster that the caller may restart."""
     tried: list[str] = []
     if not need_cluster:
         explicit = os.environ.get("TEST_DATABASE_URL")
         if explicit:
-            url = make_url(explicit)
-            if url.drivername in ("postgresql", "postgres"):
-                url = url.set(drivername="postgresql+psycopg2")
-            return PostgresServer(url, "TEST_DATABASE_URL", lambda: None)
+            return PostgresServer(_server_url(explicit), "TEST_DATABASE_URL", lambda: None)
         tried.append("TEST_DATABASE_URL is not set")
         if _docker_engine_answers():
-            return _start_container()
-        tried.append("no Docker engine answers")
+            try:
+                return _start_container()
+            except Exception as exc:
+                tried.append(f"a postgres:16 container did not start ({type(exc).__name__}: {exc})")
+        else:
+            tried.append("no Docker engine answers")
     bindir = find_bindir()
     if bindir is None:
         tried.append("no PostgreSQL binaries (initdb) found: install the postgresql package or set PG_BINDIR")

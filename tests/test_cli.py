@@ -15,7 +15,6 @@ from sqlalchemy.engine import URL
 from db import Base, DatabaseConfig, DatabaseConnection, TaskRepository
 from tests.conftest import task_data
 from tests.legacy_db import write_legacy_db
-from tests.postgres_server import free_port
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
 
@@ -133,12 +132,12 @@ def test_bad_settings_end_with_one_line(tmp_path: Path, env: dict[str, str], fra
     assert "hunter2" not in result.stderr
 
 
-def test_unreachable_server_ends_with_one_line_and_no_password(tmp_path: Path) -> None:
+def test_unreachable_server_ends_with_one_line_and_no_password(tmp_path: Path, refused_port: int) -> None:
     result = run(
         tmp_path,
         DATABASE_TYPE="postgresql",
         DATABASE_HOST="127.0.0.1",
-        DATABASE_PORT=str(free_port()),
+        DATABASE_PORT=str(refused_port),
         DATABASE_USER="agent",
         DATABASE_PASSWORD="hunter2-secret",
         DATABASE_STARTUP_TIMEOUT="1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,28 @@ def lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def stamped_between(record: dict[str, object], before: datetime, after: datetime) -> str:
+    """The record's timestamp, checked to be `datetime.now(timezone.utc).isoformat()` taken during the call."""
+    text = record["timestamp"]
+    assert isinstance(text, str) and text.endswith("+00:00") and "T" in text
+    assert before <= datetime.fromisoformat(text) <= after
+    return text
+
+
 def test_message_store_formats(tmp_path: Path) -> None:
     store = MessageStore(tmp_path, {})
+    before = datetime.now(UTC)
     assert store.add_message("user", "x" * 40) == 1
     assert store.add_message("tool", "result text", tool_name="read_file") == 2
+    after = datetime.now(UTC)
     history = lines(store.messages_file)
     assert list(history[0]) == ["seq", "role", "content", "timestamp", "tokens"]
-    assert history[0]["tokens"] == 10
-    assert history[1]["tool_name"] == "read_file" and history[1]["seq"] == 2
+    assert history == [
+        {"seq": 1, "role": "user", "content": "x" * 40, "timestamp": stamped_between(history[0], before, after),
+         "tokens": 10},
+        {"seq": 2, "role": "tool", "content": "result text", "timestamp": stamped_between(history[1], before, after),
+         "tokens": len("result text") // 4, "tool_name": "read_file"},
+    ]  # fmt: skip
     assert lines(store.current_file) == [
         {"role": "user", "content": "x" * 40},
         {"role": "tool", "content": "result text", "tool_name": "read_file"},
@@ -70,10 +85,20 @@ def test_recreate_current_context_and_combined_file(tmp_path: Path) -> None:
 def test_summary_store(tmp_path: Path) -> None:
     store = SummaryStore(tmp_path)
     assert store.get_latest_summary() is None
+    before = datetime.now(UTC)
     assert store.add_summary(1, 10, "first", 1000, 100) == 1
     assert store.add_summary(11, 20, "second", 0, 50) == 2
+    after = datetime.now(UTC)
     latest = store.get_latest_summary()
     assert latest is not None
+    assert lines(store.summaries_file) == [
+        {"id": 1, "start_seq": 1, "end_seq": 10, "summary": "first", "original_tokens": 1000, "summary_tokens": 100,
+         "ratio": 0.1, "timestamp": stamped_between(lines(store.summaries_file)[0], before, after)},
+        latest,
+    ]  # fmt: skip
+    stamp = stamped_between(latest, before, after)
+    assert latest == {"id": 2, "start_seq": 11, "end_seq": 20, "summary": "second", "original_tokens": 0,
+                      "summary_tokens": 50, "ratio": 0.0, "timestamp": stamp}  # fmt: skip
     assert list(latest) == [
         "id",
         "start_seq",
@@ -91,11 +116,16 @@ def test_summary_store(tmp_path: Path) -> None:
 
 def test_tool_store(tmp_path: Path) -> None:
     store = ToolStore(tmp_path)
+    before = datetime.now(UTC)
     assert store.add_tool_call("read_file", {"path": "a"}, "contents", "success", 12.5) == 1
     assert store.add_tool_call("run", {"cmd": "x"}, None, "error", 3, error="exit 1") == 2
+    after = datetime.now(UTC)
     ok, failed = lines(store.tools_file)
-    assert ok == {**ok, "seq": 1, "tool": "read_file", "status": "success", "result": "contents"}
-    assert "error" not in ok and "result" not in failed and failed["error"] == "exit 1"
+    assert list(ok) == ["seq", "tool", "args", "status", "duration_ms", "timestamp", "result"]
+    assert ok == {"seq": 1, "tool": "read_file", "args": {"path": "a"}, "status": "success", "duration_ms": 12.5,
+                  "timestamp": stamped_between(ok, before, after), "result": "contents"}  # fmt: skip
+    assert failed == {"seq": 2, "tool": "run", "args": {"cmd": "x"}, "status": "error", "duration_ms": 3,
+                      "timestamp": stamped_between(failed, before, after), "error": "exit 1"}  # fmt: skip
     assert store.count_tool_calls() == 2
 
 

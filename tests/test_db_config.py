@@ -57,23 +57,34 @@ def test_flat_keys_are_accepted_and_nested_ones_win() -> None:
 
 
 SAMPLES = {
-    "type": ("postgresql", "sqlite"),
-    "host": ("env-host", "yaml-host"),
-    "port": ("7000", 7001),
-    "name": ("env_db", "yaml_db"),
-    "user": ("env_user", "yaml_user"),
-    "sslmode": ("verify-full", "disable"),
-    "sslrootcert": ("/etc/env-ca.pem", "/etc/yaml-ca.pem"),
-    "slow_query_ms": ("250", 0),
-    "sqlite_path": ("/tmp/env.db", "/tmp/yaml.db"),
-    "pool_size": ("7", 8),
-    "pool_max_overflow": ("3", 4),
-    "pool_timeout": ("9", 11),
-    "pool_recycle": ("120", 240),
-    "connect_timeout": ("4", 6),
-    "startup_timeout": ("1.5", 2.5),
-    "retry_timeout": ("3.5", 4.5),
-    "echo": ("true", False),
+    # field: (environment text, YAML value, expected from the environment, expected from YAML)
+    "type": ("postgresql", "sqlite", "postgresql", "sqlite"),
+    "url": (
+        "postgresql://e@h/env_db",
+        "postgresql://y@h/yaml_db",
+        "postgresql://e@h/env_db",
+        "postgresql://y@h/yaml_db",
+    ),
+    "host": ("env-host", "yaml-host", "env-host", "yaml-host"),
+    "port": ("7000", 7001, 7000, 7001),
+    "name": ("env_db", "yaml_db", "env_db", "yaml_db"),
+    "user": ("env_user", "yaml_user", "env_user", "yaml_user"),
+    "password": ("env-secret", "yaml-secret", "env-secret", "yaml-secret"),
+    "sslmode": ("verify-full", "disable", "verify-full", "disable"),
+    "sslrootcert": ("/etc/env-ca.pem", "/etc/yaml-ca.pem", "/etc/env-ca.pem", "/etc/yaml-ca.pem"),
+    "slow_query_ms": ("250", 0, 250, 0),
+    "sqlite_path": ("/tmp/env.db", "/tmp/yaml.db", "/tmp/env.db", "/tmp/yaml.db"),
+    "sqlite_backups_kept": ("7", 2, 7, 2),
+    "pool_size": ("7", 8, 7, 8),
+    "pool_max_overflow": ("3", 4, 3, 4),
+    "pool_timeout": ("9", 11, 9, 11),
+    "pool_recycle": ("120", 240, 120, 240),
+    "connect_timeout": ("4", 6, 4, 6),
+    "startup_timeout": ("1.5", 2.5, 1.5, 2.5),
+    "retry_timeout": ("3.5", 4, 3.5, 4.0),
+    "statement_timeout": ("12", 0.5, 12.0, 0.5),
+    "lock_timeout": ("0", 3, 0.0, 3.0),
+    "echo": ("true", False, True, False),
 }
 
 
@@ -93,14 +104,22 @@ def _field(config: DatabaseConfig, name: str) -> Any:
     return getattr(config, name)
 
 
+def test_every_setting_has_a_precedence_sample() -> None:
+    assert {setting.field for setting in SETTINGS} == set(SAMPLES)
+
+
 @pytest.mark.parametrize("setting", [s for s in SETTINGS if s.field in SAMPLES], ids=lambda s: s.field)
 def test_environment_beats_yaml_beats_default(setting: Any) -> None:
-    env_value, yaml_value = SAMPLES[setting.field]
+    env_value, yaml_value, from_env_expected, from_yaml_expected = SAMPLES[setting.field]
     document = _yaml_with(setting.yaml_keys[0], yaml_value)
     from_yaml = DatabaseConfig.load(document, env={})
     from_env = DatabaseConfig.load(document, env={setting.env: env_value})
-    assert str(_field(from_yaml, setting.field)).lower() == str(yaml_value).lower()
-    assert str(_field(from_env, setting.field)).lower() == str(env_value).lower()
+    default = DatabaseConfig.load({}, env={})
+    for config, expected in ((from_yaml, from_yaml_expected), (from_env, from_env_expected)):
+        value = _field(config, setting.field)
+        # Converted, not only equal as text: "7" must become 7, "true" True.
+        assert (value, type(value)) == (expected, type(expected))
+    assert _field(default, setting.field) != from_env_expected
     assert from_env.sources[setting.field] == f"{setting.env} (environment)"
     assert from_yaml.sources[setting.field] == f"{setting.yaml_keys[0]} (config.yaml)"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from db import (
     TaskRepository,
 )
 from tests.conftest import count_rows, task_data, url_config
-from tests.postgres_server import SUPERUSER_PASSWORD, PostgresServer, free_port
+from tests.postgres_server import SUPERUSER_PASSWORD as METACHARACTER_PASSWORD
+from tests.postgres_server import PostgresServer
 
 
 def test_initialize_is_a_singleton(tmp_path: Path) -> None:
@@ -99,9 +101,9 @@ def test_objects_stay_readable_after_the_scope(connection: DatabaseConnection) -
     assert task.owner == data["owner"]
 
 
-def test_health_check(connection: DatabaseConnection) -> None:
+def test_health_check(connection: DatabaseConnection, refused_port: int) -> None:
     assert connection.health_check()
-    broken = DatabaseConnection(DatabaseConfig(type="postgresql", host="127.0.0.1", port=free_port()))
+    broken = DatabaseConnection(DatabaseConfig(type="postgresql", host="127.0.0.1", port=refused_port))
     assert broken.health_check() is False
     broken.dispose()
 
@@ -144,27 +146,35 @@ def test_postgresql_pool_follows_the_config(postgres_url: URL) -> None:
 
 
 def test_password_full_of_url_metacharacters(postgres_server: PostgresServer, postgres_url: URL) -> None:
-    raw = DatabaseConfig.load(
-        {"database": {"type": "postgresql"}},
-        env={
-            "DATABASE_HOST": str(postgres_url.host),
-            "DATABASE_PORT": str(postgres_url.port),
-            "DATABASE_NAME": str(postgres_url.database),
-            "DATABASE_USER": str(postgres_url.username),
-            "DATABASE_PASSWORD": SUPERUSER_PASSWORD,
-        },
-    )
-    assert DatabaseConnection.initialize(raw).health_check()
-    DatabaseConnection.reset()
-    encoded = DatabaseConfig.load({}, env={"DATABASE_URL": postgres_url.render_as_string(hide_password=False)})
-    assert "%40" in encoded.url  # type: ignore[operator]
-    assert DatabaseConnection.initialize(encoded).health_check()
+    role = f"meta_{os.getpid()}"
+    quoted = METACHARACTER_PASSWORD.replace("'", "''")
+    postgres_server.execute_admin(f"DROP ROLE IF EXISTS {role}", f"CREATE ROLE {role} LOGIN PASSWORD '{quoted}'")
+    try:
+        raw = DatabaseConfig.load(
+            {"database": {"type": "postgresql"}},
+            env={
+                "DATABASE_HOST": str(postgres_url.host),
+                "DATABASE_PORT": str(postgres_url.port),
+                "DATABASE_NAME": str(postgres_url.database),
+                "DATABASE_USER": role,
+                "DATABASE_PASSWORD": METACHARACTER_PASSWORD,
+            },
+        )
+        assert DatabaseConnection.initialize(raw).health_check()
+        DatabaseConnection.reset()
+        url = postgres_url.set(username=role, password=METACHARACTER_PASSWORD)
+        encoded = DatabaseConfig.load({}, env={"DATABASE_URL": url.render_as_string(hide_password=False)})
+        assert "%40" in encoded.url  # type: ignore[operator]
+        assert DatabaseConnection.initialize(encoded).health_check()
+    finally:
+        DatabaseConnection.reset()
+        postgres_server.execute_admin(f"DROP ROLE IF EXISTS {role}")
 
 
-def test_unreachable_server_fails_in_bounded_time_without_the_password() -> None:
+def test_unreachable_server_fails_in_bounded_time_without_the_password(refused_port: int) -> None:
     password = "s3cret-Pa55"
     config = DatabaseConfig(
-        type="postgresql", host="127.0.0.1", port=free_port(), user="agent", password=password, startup_timeout=1.5
+        type="postgresql", host="127.0.0.1", port=refused_port, user="agent", password=password, startup_timeout=1.5
     )
     started = time.monotonic()
     with pytest.raises(DatabaseUnavailableError) as caught:

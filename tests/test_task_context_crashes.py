@@ -179,12 +179,16 @@ def _finished_with_kept_statistics(config: dict[str, Any], key: str) -> Path:
 
 def test_kept_statistics_survive_a_crash_before_they_are_written(
     agent_config: dict[str, Any],  # noqa: F811
-    tmp_path: Path,
+    refused_port: int,
 ) -> None:
     key = str(uuid.uuid4())
     _finished_with_kept_statistics(agent_config, key)
     down = json.loads(json.dumps(agent_config))
-    down["database"] = {"type": "postgresql", "postgresql": {"host": "127.0.0.1", "port": 1}, "startup_timeout": 0}
+    down["database"] = {
+        "type": "postgresql",
+        "postgresql": {"host": "127.0.0.1", "port": refused_port},
+        "startup_timeout": 0,
+    }
     killed(child("after-registration", down, key, resume=True))
     running = Path(agent_config["context_storage"]["base_dir"]) / "running" / key
     assert metadata(running)["unsaved"]["statistics"]["tokens"] == 60

@@ -25,7 +25,7 @@ from context_storage import (
 )
 from db import DatabaseConnection, Task, TaskRepository
 from db.startup import start_database
-from tests.postgres_server import PostgresServer, free_port
+from tests.postgres_server import PostgresServer
 
 LLM = {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}}
 
@@ -199,14 +199,14 @@ def test_statistics_survive_a_database_outage(
 
 
 def test_a_database_down_at_start_is_not_waited_for_at_every_call(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refused_port: int
 ) -> None:
     config = {
         "context_storage": {"base_dir": str(tmp_path / "contexts")},
         "llm": LLM,
         "database": {
             "type": "postgresql",
-            "postgresql": {"host": "127.0.0.1", "port": free_port()},
+            "postgresql": {"host": "127.0.0.1", "port": refused_port},
             "startup_timeout": 0.5,
         },
     }

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import event
@@ -209,16 +210,25 @@ def test_cli_usage_and_history(tmp_path: Path) -> None:
     repo = TaskRepository()
     now = datetime.now(UTC)
     key = GitHubIssueTaskKey("acme", "web", 42)
-    first = _run(repo, key, "completed", now - timedelta(days=1), user="alice", total_tokens=1200)
-    second = _run(repo, key, "stopped", now - timedelta(minutes=5), user="alice", total_tokens=300)
+    rows = [("alice", now - timedelta(days=1), 1200), ("alice", now - timedelta(minutes=5), 300), ("bob", now, 50)]
+    first = _run(repo, key, "completed", rows[0][1], user="alice", total_tokens=1200)
+    second = _run(repo, key, "stopped", rows[1][1], user="alice", total_tokens=300)
     _run(repo, GitLabMergeRequestTaskKey(77, 3), "completed", now, user="bob", total_tokens=50)
-    expected = {u.user: u for u in TaskUsageQuery().per_user(zone="Asia/Tokyo")}
     DatabaseConnection.reset()
 
-    usage = json.loads(run(tmp_path, "tasks", "usage", "--tz", "Asia/Tokyo", "--json").stdout)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    for _ in range(2):  # once more if Tokyo's midnight passed while the command ran
+        day = datetime.now(tokyo).date()
+        usage = json.loads(run(tmp_path, "tasks", "usage", "--tz", "Asia/Tokyo", "--json").stdout)
+        if datetime.now(tokyo).date() == day:
+            break
+    today = {"alice": 0, "bob": 0}
+    for user, created, tokens in rows:
+        if created.astimezone(tokyo).date() == day:
+            today[user] += tokens
     assert usage["time_zone"] == "Asia/Tokyo"
     assert {row["user"]: row["total"] for row in usage["users"]} == {"alice": 1500, "bob": 50}
-    assert {row["user"]: row["today"] for row in usage["users"]} == {u: e.today for u, e in expected.items()}
+    assert {row["user"]: row["today"] for row in usage["users"]} == today
     alice = json.loads(run(tmp_path, "tasks", "usage", "--user", "alice", "--days", "3", "--json").stdout)
     assert len(alice["daily"]) == 3 and sum(day["tokens"] for day in alice["daily"]) == 1500
     chart = run(tmp_path, "tasks", "usage", "--user", "alice", "--days", "3").stdout
