@@ -33,10 +33,46 @@ def _running_postgres(*, need_cluster: bool) -> Iterator[PostgresServer]:
         server.stop()
 
 
+POSTGRES_FIXTURES = frozenset(
+    {"postgres_server", "postgres_url", "own_cluster", "ssl_server", "cluster_with_statistics", "scratch_database"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a PostgreSQL server, so `-m "not postgres"` runs the SQLite ones alone."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec is not None else None
+        if backend == "postgresql" or POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the whole session."""
     yield from _running_postgres(need_cluster=False)
+
+
+@pytest.fixture(scope="session")
+def cluster_with_statistics(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
+    """A server with pg_stat_statements preloaded: the session's throwaway cluster, or else (a server named by
+    TEST_DATABASE_URL, a container) one of the suite's own."""
+    if postgres_server.cluster is not None:
+        yield postgres_server
+    else:
+        yield from _running_postgres(need_cluster=True)
+
+
+@pytest.fixture
+def scratch_database(cluster_with_statistics: PostgresServer) -> Iterator[URL]:
+    """A database of the test's own on `cluster_with_statistics`, dropped afterwards."""
+    name = f"scratch_{uuid.uuid4().hex[:12]}"
+    cluster_with_statistics.execute_admin(f"CREATE DATABASE {name}")
+    try:
+        yield cluster_with_statistics.database_url(name)
+    finally:
+        DatabaseConnection.reset()
+        cluster_with_statistics.execute_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -77,6 +113,17 @@ def _settings_of_the_tests_only() -> Iterator[None]:
         yield
     finally:
         os.environ.update(inherited)
+
+
+def child_environment() -> dict[str, str]:
+    """The environment for a program a test starts: no DATABASE_* or APP_ENV of the shell. Under mutation
+    testing's coverage pass (MUTANT_UNDER_TEST=stats), which only works inside its own directory, the child
+    runs the code unmutated."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "APP_ENV")) and not (key == "MUTANT_UNDER_TEST" and value == "stats")
+    }
 
 
 def url_config(url: URL, **overrides: Any) -> DatabaseConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -13,14 +12,14 @@ import pytest
 from sqlalchemy.engine import URL
 
 from db import Base, DatabaseConfig, DatabaseConnection, TaskRepository
-from tests.conftest import task_data
+from tests.conftest import child_environment, task_data
 from tests.legacy_db import write_legacy_db
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
 
 
 def run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "APP_ENV"))}
+    clean = child_environment()
     return subprocess.run(
         [sys.executable, str(MAIN), *args],
         cwd=cwd,

@@ -69,7 +69,7 @@ def test_env_example_names_every_required_variable_and_no_real_secret(compose: d
 
 
 @pytest.fixture
-def initialised_database(postgres_server: PostgresServer) -> Iterator[dict[str, str]]:
+def initialised_database(cluster_with_statistics: PostgresServer) -> Iterator[dict[str, str]]:
     """A new database prepared by the init script exactly as the postgres container runs it."""
     suffix = uuid.uuid4().hex[:8]
     names = {
@@ -79,8 +79,8 @@ def initialised_database(postgres_server: PostgresServer) -> Iterator[dict[str, 
         "DB_RUNTIME_USER": f"runtime_{suffix}",
         "DB_RUNTIME_PASSWORD": 'run"time p@ss#',
     }
-    url = postgres_server.url
-    postgres_server.execute_admin(f"CREATE DATABASE {names['POSTGRES_DB']}")
+    url = cluster_with_statistics.url
+    cluster_with_statistics.execute_admin(f"CREATE DATABASE {names['POSTGRES_DB']}")
     env = {
         **os.environ,
         **names,
@@ -95,7 +95,7 @@ def initialised_database(postgres_server: PostgresServer) -> Iterator[dict[str, 
     assert names["DB_OWNER_PASSWORD"] not in result.stdout + result.stderr
     yield names
     DatabaseConnection.reset()
-    postgres_server.execute_admin(
+    cluster_with_statistics.execute_admin(
         f"DROP DATABASE IF EXISTS {names['POSTGRES_DB']} WITH (FORCE)",
         f"DROP ROLE IF EXISTS {names['DB_OWNER_USER']}",
         f"DROP ROLE IF EXISTS {names['DB_RUNTIME_USER']}",
@@ -118,8 +118,9 @@ def _config(server: PostgresServer, names: dict[str, str], role: str) -> Databas
 
 
 def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
-    postgres_server: PostgresServer, initialised_database: dict[str, str]
+    cluster_with_statistics: PostgresServer, initialised_database: dict[str, str]
 ) -> None:
+    postgres_server = cluster_with_statistics
     owner = DatabaseConnection.initialize(_config(postgres_server, initialised_database, "OWNER"))
     upgrade_schema(owner)
     DatabaseConnection.reset()
@@ -154,8 +155,9 @@ def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
 
 
 def test_role_passwords_stay_out_of_the_statement_statistics(
-    postgres_server: PostgresServer, initialised_database: dict[str, str]
+    cluster_with_statistics: PostgresServer, initialised_database: dict[str, str]
 ) -> None:
+    postgres_server = cluster_with_statistics
     url = postgres_server.database_url(initialised_database["POSTGRES_DB"])
     engine = create_engine(url)
     try:

@@ -19,7 +19,6 @@ from db.backup import backup_database, restore_database
 from db.schema import upgrade_schema
 from db.stats import database_stats
 from tests.conftest import task_data, url_config
-from tests.postgres_server import PostgresServer
 from tests.test_cli import run
 from tests.test_data_migration import all_tasks
 
@@ -103,9 +102,9 @@ def test_stats_on_sqlite(tmp_path: Path) -> None:
     assert stats["file_bytes"] > 0 and stats["wal_bytes"] > 0
 
 
-def test_stats_on_postgresql(postgres_server: PostgresServer, postgres_url: URL) -> None:
+def test_stats_on_postgresql(scratch_database: URL) -> None:
+    postgres_url = scratch_database
     connection = DatabaseConnection.initialize(url_config(postgres_url))
-    _drop_everything(connection.engine)
     upgrade_schema(connection)
     TaskRepository(connection).create(task_data())
     with connection.engine.begin() as conn:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -23,7 +24,7 @@ from db.schema import upgrade_schema
 from db.sqlite_backup import copy_sqlite
 from db.stats import database_stats
 from db.unit_of_work import is_transient_error, run_in_transaction
-from tests.conftest import task_data
+from tests.conftest import child_environment, task_data
 from tests.legacy_db import read_rows, write_legacy_db
 from tests.test_cli import MAIN, assert_one_line_error, run
 from tests.test_data_migration import all_tasks
@@ -305,8 +306,11 @@ def test_a_yaml_error_never_prints_the_offending_line(tmp_path: Path) -> None:
     assert SECRET not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
-def test_db_stats_never_shows_a_password_from_the_statement_statistics(connection: DatabaseConnection) -> None:
+def test_db_stats_never_shows_a_password_from_the_statement_statistics(scratch_database: Any) -> None:
+    connection = DatabaseConnection.initialize(
+        DatabaseConfig(url=scratch_database.render_as_string(hide_password=False))
+    )
+    upgrade_schema(connection)
     with connection.engine.begin() as conn:
         conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         conn.exec_driver_sql("SELECT pg_stat_statements_reset()")
@@ -324,7 +328,7 @@ def test_db_stats_never_shows_a_password_from_the_statement_statistics(connectio
 
 def test_database_backups_and_directories_are_private_whatever_the_umask(tmp_path: Path) -> None:
     command = f'umask 000; exec {sys.executable} {MAIN} "$@"'
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "APP_ENV"))}
+    env = child_environment()
 
     def run_umask(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -405,7 +409,7 @@ def test_odd_inputs_end_with_one_line(tmp_path: Path, args: list[str], env: dict
 def test_a_closed_pipe_ends_a_listing_quietly(tmp_path: Path) -> None:
     database = tmp_path / "contexts" / "tasks.db"
     _sqlite_with_tasks(database, 1000)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "APP_ENV"))}
+    env = child_environment()
     process = subprocess.Popen(
         [sys.executable, str(MAIN), "tasks", "list", "--limit", "1000"],
         cwd=tmp_path,

@@ -23,6 +23,7 @@ from db import DatabaseConnection, TaskRepository
 from db.models import INT_MAX
 from db.schema import upgrade_schema
 from db.startup import start_database
+from tests.conftest import child_environment
 from tests.postgres_server import PostgresServer
 from tests.test_cli import run
 from tests.test_task_context_with_db import LLM, agent_config, counters, stored  # noqa: F401
@@ -38,7 +39,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 def child(point: str, config: dict[str, Any], task_uuid: str, *, resume: bool = False) -> subprocess.Popen[str]:
     """An agent process that dies by SIGKILL at `point` (see tests/crash_child.py)."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "APP_ENV"))}
+    env = child_environment()
     args = [sys.executable, "-m", "tests.crash_child", point, json.dumps(config), task_uuid]
     return subprocess.Popen(
         [*args, *(["resume"] if resume else [])],

@@ -211,9 +211,10 @@ def test_cli_usage_and_history(tmp_path: Path) -> None:
     now = datetime.now(UTC)
     key = GitHubIssueTaskKey("acme", "web", 42)
     rows = [("alice", now - timedelta(days=1), 1200), ("alice", now - timedelta(minutes=5), 300), ("bob", now, 50)]
-    first = _run(repo, key, "completed", rows[0][1], user="alice", total_tokens=1200)
-    second = _run(repo, key, "stopped", rows[1][1], user="alice", total_tokens=300)
-    _run(repo, GitLabMergeRequestTaskKey(77, 3), "completed", now, user="bob", total_tokens=50)
+    # Created (the day usage counts by) and completed at these times.
+    first = _run(repo, key, "completed", rows[0][1], user="alice", total_tokens=1200, created_at=rows[0][1])
+    second = _run(repo, key, "stopped", rows[1][1], user="alice", total_tokens=300, created_at=rows[1][1])
+    _run(repo, GitLabMergeRequestTaskKey(77, 3), "completed", now, user="bob", total_tokens=50, created_at=now)
     DatabaseConnection.reset()
 
     tokyo = ZoneInfo("Asia/Tokyo")
