@@ -101,16 +101,18 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_db_migrate_data(args: argparse.Namespace) -> int:
+def _migrate_data_refusal(args: argparse.Namespace) -> str | None:
     if args.overwrite_newer and not args.overwrite:
-        print("error: --overwrite-newer goes with --overwrite", file=sys.stderr)
-        return EXIT_USAGE
+        return "--overwrite-newer goes with --overwrite"
     if args.overwrite and not (args.yes or args.dry_run):
-        print(
-            "error: --overwrite replaces tasks already in the target: see how many with --dry-run, "
-            "then add --yes to go ahead",
-            file=sys.stderr,
-        )
+        return "--overwrite replaces tasks already in the target: see how many with --dry-run, then add --yes"
+    return None
+
+
+def cmd_db_migrate_data(args: argparse.Namespace) -> int:
+    refusal = _migrate_data_refusal(args)
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
         return EXIT_USAGE
     connection = _connect(args)
     with tqdm(
@@ -124,6 +126,7 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             batch_size=args.batch_size,
             progress=bar.update,
+            leave_behind=args.leave_behind,
         )
     verb = "would copy" if report.dry_run else "copied"
     print(f"source:      {report.source} ({report.source_rows} tasks)")
@@ -136,6 +139,12 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
             print(f"kept newer:  {report.kept_newer} (updated later in the target; --overwrite-newer replaces them)")
     else:
         print(f"skipped:     {report.skipped} (uuid already present)")
+    if report.merged:
+        print(f"merged:      {report.merged} (identical duplicate rows of the source)")
+    if report.renamed:
+        print(f"renamed:     {len(report.renamed)} (ids in upper case or not UUIDs; old -> new below)")
+        for old, new in sorted(report.renamed.items()):
+            print(f"  {printable(old)} -> {new}")
     print(f"time:        {report.seconds:.1f}s ({report.rows_per_second:,.0f} rows/s)")
     if report.differences:
         print("error: verification failed, nothing was written:", file=sys.stderr)
@@ -495,6 +504,13 @@ def _add_db_commands(tree: _CommandTree) -> None:
         "--overwrite-newer", action="store_true", help="with --overwrite: replace tasks updated later too"
     )
     migrate.add_argument("--yes", action="store_true", help="confirm --overwrite")
+    migrate.add_argument(
+        "--leave-behind",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="a column of the source the target does not keep, whose data is not copied (repeat for more)",
+    )
     migrate.add_argument(
         "--batch-size", type=_integer_in(1, MAX_BATCH), default=10_000, help=f"rows per batch (1..{MAX_BATCH:,})"
     )

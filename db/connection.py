@@ -117,6 +117,15 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
     return engine
 
 
+def _ours(cursor: sqlite3.Cursor) -> bool:
+    """True for a new file or one whose schema this code made. An old file's journal mode is changed only once
+    its upgrade succeeded (db.schema.use_wal), so that a refused or failed upgrade leaves it byte for byte."""
+    tables = {
+        row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE name IN ('tasks', 'alembic_version')")
+    }
+    return "tasks" not in tables or "alembic_version" in tables
+
+
 def _configure_sqlite(engine: Engine, *, journal: bool, read_only: bool) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -125,7 +134,7 @@ def _configure_sqlite(engine: Engine, *, journal: bool, read_only: bool) -> None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
-        if journal:
+        if journal and _ours(cursor):
             cursor.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL is safe from corruption and loses nothing when a process dies; only a power
             # failure can take back the last commits. FULL would wait for the disk at every commit.

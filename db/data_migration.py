@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -60,6 +60,8 @@ class MigrationReport:
     skipped: int = 0
     overwritten: int = 0
     kept_newer: int = 0
+    renamed: dict[str, str] = field(default_factory=dict)
+    merged: int = 0
     dry_run: bool = False
     seconds: float = 0.0
     differences: list[str] = field(default_factory=list)
@@ -78,22 +80,28 @@ def migrate_data(
     dry_run: bool = False,
     batch_size: int = 10_000,
     progress: Callable[[int], None] | None = None,
+    leave_behind: Sequence[str] = (),
 ) -> MigrationReport:
     """Copy the tasks of `source` into `target`; see the module docstring.
 
     `overwrite`: a task already in the target is replaced by the source's, unless the target's row was
     updated later (`updated_at`), which is kept and counted; `overwrite_newer` replaces those too.
+    Every value of every source row is checked first (dry runs too); columns of the source the target does
+    not keep are refused unless named in `leave_behind`.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"batch_size must be an integer in 1..{MAX_BATCH}")
     if overwrite_newer and not overwrite:
         raise ValueError("overwrite_newer needs overwrite")
-    tasks = TaskSource(source)
+    tasks = TaskSource(source, leave_behind)
     try:
+        checked = tasks.check()
         database = target.config.sqlalchemy_url.database
         if target.config.backend == "sqlite" and database and database != ":memory:" and tasks.is_same_file(database):
             raise DataMigrationError(f"the source {tasks.path} is the configured database itself: nothing to copy")
-        report = MigrationReport(source=str(tasks.path), dry_run=dry_run)
+        report = MigrationReport(
+            source=str(tasks.path), dry_run=dry_run, renamed=dict(checked.renamed), merged=checked.merged
+        )
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="migrate-data-verify") as pool:
             expected = pool.submit(tasks.aggregates)

@@ -6,6 +6,8 @@ UTC), NULL counters as 0, a missing updated_at as the first of completed_at, sta
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -19,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 
 from db.errors import DatabaseError
+from db.legacy_rows import Checked, carried_rows, check_all
 from db.models import COUNTER_COLUMNS, Task, TaskStatus
 from db.models.types import parse_stored_datetime
 from db.private_files import connect_sqlite
@@ -75,8 +78,16 @@ def _quoted(name: str) -> str:
 class TaskSource:
     """The tasks table of a SQLite file named by a path or a sqlite:/// URL, never written to."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, leave_behind: Sequence[str] = ()) -> None:
         self.path = path = _source_path(source)
+        self.leave_behind = frozenset(leave_behind)
+        journal = path.with_name(path.name + "-journal")
+        if journal.is_file() and journal.stat().st_size > 0:
+            raise DataMigrationError(
+                f"{path} has an unfinished write ({journal.name} beside it): open it once with sqlite3 where it can be "
+                "written (or copy it together with its journal to such a place), then copy from there"
+            )
+        self.checked: Checked | None = None
 
         def connect() -> sqlite3.Connection:
             # Read from worker threads too, one thread per connection at a time.
@@ -108,7 +119,48 @@ class TaskSource:
             raise DataMigrationError(
                 f"{self.path} is not a task database: it has no tasks table with the columns {', '.join(missing)}"
             )
-        return columns
+        extra = sorted(columns - set(COLUMNS) - self.leave_behind)
+        if extra:
+            raise DataMigrationError(
+                f"{self.path}: the tasks table has columns the target does not keep: {', '.join(extra)}; their data "
+                f"would be lost. Keep it elsewhere first, then leave them behind with "
+                f"{' '.join(f'--leave-behind {name}' for name in extra)}"
+            )
+        return columns & set(COLUMNS)
+
+    def check(self) -> Checked:
+        """Check every value of every row (db/legacy_rows.py); raise naming every one that cannot be carried."""
+        raw = self.engine.raw_connection()
+        try:
+            driver = raw.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            checked = check_all(driver, self._present_columns())
+        finally:
+            raw.close()
+        if not checked.ok:
+            raise DataMigrationError(
+                f"{len(checked.problems)} values of {self.path} cannot be carried over; nothing was written:\n"
+                + checked.summary()
+            )
+        self.checked = checked
+        return checked
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether some rows are carried with other values than stored (ids, case, merged duplicates)."""
+        return self.checked is not None and bool(self.checked.transformed or self.checked.merged)
+
+    def _present_columns(self) -> list[str]:
+        return [name for name in COLUMNS if name in self.columns]
+
+    def _carried(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        raw = self.engine.raw_connection()
+        try:
+            driver = raw.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            yield from carried_rows(driver, self._present_columns(), batch_size)
+        finally:
+            raw.close()
 
     def _query(self, sql: str, batch_size: int = 10_000) -> Iterator[Sequence[Any]]:
         raw = self.engine.raw_connection()
@@ -127,6 +179,9 @@ class TaskSource:
 
     def rows(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
         """Normalised rows (every model column), a batch at a time."""
+        if self.reshaped:
+            yield from self._carried(batch_size)
+            return
         present = [name for name in COLUMNS if name in self.columns]
         sql = f"SELECT {', '.join(map(_quoted, present))} FROM tasks"  # noqa: S608
         for rows in self._query(sql, batch_size):
@@ -136,7 +191,12 @@ class TaskSource:
         """The normalised rows as CSV for `COPY ... (FORMAT csv)`, formatted by SQLite itself.
 
         In that CSV an unquoted empty field is NULL and every text value is quoted, so "" is an empty string.
+        Rows carried with other values than stored are formatted here instead, from `rows`.
         """
+        if self.reshaped:
+            for batch in self.rows(batch_size):
+                yield _csv(batch)
+            return
         naive = self._naive_datetime_columns()
         line = " || ',' || ".join(self._copy_field(name, naive) for name in COLUMNS)
         for rows in self._query(f"SELECT {line} FROM tasks", batch_size):  # noqa: S608
@@ -166,6 +226,11 @@ class TaskSource:
         return f"""coalesce('"' || replace(CAST({quoted} AS TEXT), '"', '""') || '"', '')"""
 
     def aggregates(self) -> Aggregates:
+        if self.reshaped:
+            return _aggregate(row for rows in self.rows(20_000) for row in rows)
+        return self._source_aggregates()
+
+    def _source_aggregates(self) -> Aggregates:
         """The figures verification compares, from one scan of the source.
 
         The same scan finds values the schema would refuse (unknown status, strings too long), which are
@@ -175,7 +240,7 @@ class TaskSource:
         figures: dict[str, str] = {"rows": "count(*)"}
         for name in COLUMNS:
             always = name in COUNTER_COLUMNS or name == "updated_at"
-            figures[f"non_null {name}"] = "count(*)" if always else self._present(f"count({_quoted(name)})")
+            figures[f"non_null {name}"] = "count(*)" if always else self._present(f"count({_quoted(name)})", name)
         for name in INTEGERS:
             figures[f"sum {name}"] = self._present(f"coalesce(sum({_quoted(name)}), 0)", name)
         for name in STRINGS:
@@ -318,3 +383,41 @@ def _normalise(values: dict[str, Any]) -> dict[str, Any]:
     if row["updated_at"] is None:
         row["updated_at"] = next(row[name] for name in UPDATED_FALLBACK if row[name] is not None)
     return row
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV for COPY (FORMAT csv): NULL unquoted and empty, text quoted, date-times in ISO-8601."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        writer.writerow([_csv_field(row[name]) for name in COLUMNS])
+    return buffer.getvalue().replace('"\x00NULL\x00"', "")
+
+
+def _csv_field(value: Any) -> str:
+    if value is None:
+        return "\x00NULL\x00"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _aggregate(rows: Iterator[dict[str, Any]]) -> Aggregates:
+    """The figures verification compares, from rows as they will be stored."""
+    result = Aggregates()
+    for row in rows:
+        result.rows += 1
+        for name in COLUMNS:
+            if row[name] is not None:
+                result.non_null[name] += 1
+        for name in INTEGERS:
+            result.sums[name] += row[name] or 0
+        for name in STRINGS:
+            result.sums[name] += len(row[name] or "")
+        for name in DATETIMES:
+            value = row[name]
+            if value is not None:
+                low, high = result.earliest[name], result.latest[name]
+                result.earliest[name] = value if low is None or value < low else low
+                result.latest[name] = value if high is None or value > high else high
+    return result

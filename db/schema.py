@@ -6,13 +6,16 @@ lock on PostgreSQL), so agents starting together do not race: the losers find th
 
 from __future__ import annotations
 
+import csv
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -24,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
-from db.private_files import remove_with_journals
+from db.private_files import remove_with_journals, written_then_named
 from db.sqlite_backup import backup_engine_database, backup_path_for, copies_of
 
 logger = logging.getLogger(__name__)
@@ -137,11 +140,14 @@ def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> Upgr
         if backup and before.current is not None and file_backed:
             copy = backup_engine_database(database.engine, backup_path_for(Path(str(path)), f"before-{before.head}"))
         try:
-            _upgrade_to_head(database)
+            changes = _upgrade_to_head(database)
         except BaseException:
             if copy is not None:
                 remove_with_journals(copy)
             raise
+        if file_backed:
+            use_wal(database)
+            _write_renamed_tasks(Path(str(path)), changes)
         if copy is not None:
             logger.warning("copied %s to %s before upgrading its schema", path, copy)
             _prune_copies(Path(copy), Path(str(path)), database.config.sqlite_backups_kept)
@@ -149,22 +155,24 @@ def upgrade_schema(database: DatabaseConnection, *, backup: bool = True) -> Upgr
     return UpgradeResult(before, before.head, copy)
 
 
-def _upgrade_to_head(database: DatabaseConnection) -> None:
+def _upgrade_to_head(database: DatabaseConnection) -> dict[str, Any]:
     """Run the migrations in one transaction. On PostgreSQL their table locks are taken with a short lock
     timeout and the whole upgrade retried, so an ALTER TABLE never queues the agents behind a long transaction."""
     deadline = time.monotonic() + FILE_LOCK_TIMEOUT
     attempt = 0
     while True:
         try:
-            with database.engine.begin() as connection:
-                if connection.dialect.name == "postgresql":
+            with database.engine.connect() as connection:
+                if connection.dialect.name == "sqlite":
+                    return _upgrade_sqlite(connection)
+                with connection.begin():
                     # No limit while waiting for another process's upgrade, nor on the migrations' own work.
                     connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
                     connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
                     connection.execute(select(func.pg_advisory_xact_lock(ADVISORY_LOCK_KEY)))
                     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS}")
-                command.upgrade(alembic_config(connection), "head")
-            return
+                    command.upgrade(alembic_config(connection), "head")
+                return {}
         except DBAPIError as exc:
             if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE or time.monotonic() > deadline:
                 raise
@@ -174,11 +182,61 @@ def _upgrade_to_head(database: DatabaseConnection) -> None:
             time.sleep(pause)
 
 
+def _upgrade_sqlite(connection: Connection) -> dict[str, Any]:
+    """SQLite's way to replace a table others refer to: foreign keys off and legacy_alter_table on while the
+    migrations run (both only take effect outside a transaction), foreign keys checked before COMMIT."""
+    raw = connection.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    raw.execute("PRAGMA foreign_keys = OFF")
+    raw.execute("PRAGMA legacy_alter_table = ON")
+    config = alembic_config(connection)
+    try:
+        with connection.begin():
+            command.upgrade(config, "head")
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise DatabaseError(
+                    f"the upgrade would break {len(broken)} foreign key references; nothing was changed"
+                )
+    finally:
+        raw.execute("PRAGMA legacy_alter_table = OFF")
+        raw.execute("PRAGMA foreign_keys = ON")
+    return dict(config.attributes)
+
+
 def _prune_copies(latest: Path, database: Path, keep: int) -> None:
     older = [path for path in copies_of(database, "before-") if path != latest]
     for old in older[: max(0, len(older) - (keep - 1))]:
         logger.info("removing the old upgrade copy %s (keeping the newest %d)", old, keep)
         remove_with_journals(old)
+
+
+def use_wal(database: DatabaseConnection) -> None:
+    """Switch a SQLite file to WAL journaling once its schema is this code's (an old file is left as it is
+    until its upgrade succeeded, so that a failed or refused upgrade leaves it byte for byte as it was)."""
+    raw = database.engine.raw_connection()
+    try:
+        driver = raw.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        driver.execute("PRAGMA journal_mode = WAL")
+    finally:
+        raw.close()
+
+
+def _write_renamed_tasks(database: Path, changes: dict[str, Any]) -> None:
+    renamed: dict[str, str] = changes.get("renamed_tasks") or {}
+    if changes.get("merged_tasks"):
+        logger.warning(
+            "%d rows of the old tasks table were identical duplicates and were merged", changes["merged_tasks"]
+        )
+    if not renamed:
+        return
+    target = backup_path_for(database, "uuid-map").with_suffix(".csv")
+    with written_then_named(target) as partial, partial.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("old_id", "uuid"))
+        writer.writerows(sorted(renamed.items()))
+    logger.warning("%d tasks got a new uuid (upper case or not a UUID); the mapping is in %s", len(renamed), target)
 
 
 def require_current_schema(database: DatabaseConnection) -> SchemaState:

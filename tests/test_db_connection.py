@@ -181,7 +181,8 @@ def test_unreachable_server_fails_in_bounded_time_without_the_password(refused_p
         DatabaseConnection.initialize(config)
     elapsed = time.monotonic() - started
     message = str(caught.value)
-    assert 1.0 <= elapsed < 15
+    # It kept trying for the configured time, and stopped then (the bound allows a slow machine's last attempt).
+    assert config.startup_timeout <= elapsed < config.startup_timeout + config.connect_timeout
     assert password not in message and "***" in message
     assert "Connection refused" in message or "could not connect" in message
     assert caught.value.__cause__ is None

@@ -24,7 +24,6 @@ from context_storage import (
     task_context_manager,
 )
 from db import DatabaseConnection, Task, TaskRepository
-from db.startup import start_database
 from tests.postgres_server import PostgresServer
 
 LLM = {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}}
@@ -131,15 +130,6 @@ def test_resume_of_an_unknown_task_registers_it(agent_config: dict[str, Any]) ->
     task_uuid = str(uuid.uuid4())
     TaskContextManager(GitLabIssueTaskKey(9, 1), task_uuid, agent_config, is_resumed=True)
     assert stored(task_uuid).status == "running"
-
-
-def test_an_injected_repository_is_used(agent_config: dict[str, Any]) -> None:
-    repository = TaskRepository(start_database(agent_config))
-    key = GitHubIssueTaskKey("a", "b", 1)
-    manager = TaskContextManager(key, str(uuid.uuid4()), agent_config, repository=repository)
-    manager.complete()
-    task = repository.get_by_uuid(manager.uuid)
-    assert task is not None and task.status == "completed"
 
 
 def test_statistics_survive_a_database_outage(

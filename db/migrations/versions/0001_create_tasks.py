@@ -1,8 +1,10 @@
 """Create the tasks table, or adopt the one the pre-SQLAlchemy code wrote.
 
 A legacy SQLite `tasks` table (text date-times from isoformat(), idx_tasks_* indexes, NULL counters, no
-updated_at) is copied into the new layout in the same transaction: date-times rewritten as fixed-width UTC
-text (the same instants), NULL counters as 0, updated_at from the latest known time, the design's indexes.
+updated_at) is copied into the new layout in the same transaction, after every value of every row was checked
+(db/legacy_rows.py): date-times rewritten as fixed-width UTC text (the same instants), NULL counters as 0,
+updated_at from the latest known time, the design's indexes; the user's own triggers and indexes on the table
+are made again. Any value that cannot be carried over stops it before anything changed, naming them all.
 
 Revision ID: 0001
 Revises:
@@ -11,13 +13,16 @@ Create Date: 2026-11-27
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
+from db.connection import describe_driver_error
 from db.errors import DatabaseError
-from db.models.types import UTCDateTime, UUIDString, format_sqlite_datetime, parse_stored_datetime
+from db.legacy_rows import carried_rows, check_all
+from db.models.types import UTCDateTime, UUIDString
 
 revision = "0001"
 down_revision = None
@@ -37,8 +42,6 @@ OPTIONAL_LEGACY_COLUMNS = (
     "user",
 )
 COUNTERS = ("llm_call_count", "tool_call_count", "total_tokens", "compression_count")
-DATETIMES = ("created_at", "started_at", "completed_at", "updated_at")
-NORMALISE = "agent_utc_text"
 
 
 def _columns() -> list[Any]:
@@ -88,52 +91,53 @@ def _adopt_legacy_table(bind: sa.Connection) -> None:
             "a tasks table without migration history exists on this database; only SQLite files written by the "
             "pre-SQLAlchemy code can be adopted in place (copy other data with `python main.py db migrate-data`)"
         )
-    present = {column["name"] for column in sa.inspect(bind).get_columns("tasks")}
+    present = [column["name"] for column in sa.inspect(bind).get_columns("tasks")]
     # updated_at appears when the table was made by create_all() rather than by a migration.
     known = set(REQUIRED_LEGACY_COLUMNS) | set(OPTIONAL_LEGACY_COLUMNS) | set(COUNTERS) | {"updated_at"}
     missing = [name for name in REQUIRED_LEGACY_COLUMNS if name not in present]
-    unknown = sorted(present - known)
-    if missing or unknown:
+    unknown = sorted(set(present) - known)
+    if missing:
         raise DatabaseError(
-            f"the existing tasks table is not the pre-SQLAlchemy layout (missing: {missing or 'none'}, "
-            f"unexpected: {unknown or 'none'}); it was left untouched"
+            f"the existing tasks table is not the pre-SQLAlchemy layout (missing: {', '.join(missing)}); "
+            "nothing was changed"
         )
-    failures: list[str] = []
-    _register_normaliser(bind, failures)
-
-    def source(name: str) -> str:
-        if name not in present:
-            return "0" if name in COUNTERS else "NULL"
-        quoted = f'"{name}"'
-        if name in COUNTERS:
-            return f"COALESCE({quoted}, 0)"
-        if name in DATETIMES:
-            return f"{NORMALISE}(uuid, {quoted})"
-        return quoted
-
+    if unknown:
+        raise DatabaseError(
+            f"the old tasks table has columns this code does not keep: {', '.join(unknown)}; nothing was changed. "
+            "Move their data elsewhere and drop them (ALTER TABLE tasks DROP COLUMN ...), then start again"
+        )
+    raw = bind.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    checked = check_all(raw, present)
+    if not checked.ok:
+        raise DatabaseError(
+            f"{len(checked.problems)} values of the old tasks table cannot be carried over; nothing was changed:\n"
+            + checked.summary()
+        )
+    # What hangs on the table (the user's triggers and indexes) is dropped with it: kept here, made again below.
+    # Other tables' foreign keys and views refer to `tasks` by name: the new table takes the name, and the
+    # caller runs this with foreign keys off and legacy_alter_table on, so nothing cascades and no view is
+    # checked against a table that is being replaced.
+    dependents = [
+        str(sql)
+        for (sql,) in bind.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'tasks' AND sql IS NOT NULL "
+            "AND (type = 'trigger' OR (type = 'index' AND name NOT LIKE 'idx_tasks_%' AND name NOT LIKE 'ix_tasks_%'))"
+        )
+    ]
     op.create_table("tasks_new", *_columns())
-    targets = [*REQUIRED_LEGACY_COLUMNS, *OPTIONAL_LEGACY_COLUMNS, *COUNTERS]
-    updated = ", ".join(source(name) for name in ("updated_at", "completed_at", "started_at", "created_at"))
-    names = ", ".join(f'"{name}"' for name in targets)
-    values = ", ".join(source(name) for name in targets)
-    op.execute(f"INSERT INTO tasks_new ({names}, updated_at) SELECT {values}, COALESCE({updated}) FROM tasks")  # noqa: S608
-    if failures:
-        shown = "; ".join(failures[:5])
-        raise DatabaseError(f"{len(failures)} stored date-times could not be read ({shown}); nothing was changed")
+    table = sa.table("tasks_new", *(sa.column(column.name, column.type) for column in _columns()[:-1]))
+    for rows in carried_rows(raw, present):
+        bind.execute(table.insert(), rows)
     op.drop_table("tasks")
     op.rename_table("tasks_new", "tasks")
-
-
-def _register_normaliser(bind: sa.Connection, failures: list[str]) -> None:
-    def normalise(task_uuid: str, value: object) -> object:
-        if value is None:
-            return None
+    for sql in dependents:
         try:
-            return format_sqlite_datetime(parse_stored_datetime(str(value)))
-        except ValueError:
-            failures.append(f"task {task_uuid}: {value!r}")
-            return value
-
-    driver_connection = bind.connection.driver_connection
-    assert driver_connection is not None
-    driver_connection.create_function(NORMALISE, 2, normalise, deterministic=True)
+            bind.exec_driver_sql(sql)
+        except sa.exc.DBAPIError as exc:
+            raise DatabaseError(
+                f"the old tasks table's {sql.split('(')[0].strip()!r} cannot be made again on the new table "
+                f"({describe_driver_error(exc)}); nothing was changed"
+            ) from None
+    context.config.attributes["renamed_tasks"] = dict(checked.renamed)
+    context.config.attributes["merged_tasks"] = checked.merged
