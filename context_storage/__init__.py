@@ -2,7 +2,7 @@
 
 from context_storage.message_store import MessageStore
 from context_storage.summary_store import SummaryStore
-from context_storage.task_context_manager import TaskContextManager
+from context_storage.task_context_manager import PreviousRun, TaskContextManager
 from context_storage.task_key import (
     GitHubIssueTaskKey,
     GitHubPullRequestTaskKey,
@@ -11,6 +11,7 @@ from context_storage.task_key import (
     TaskKey,
     task_key_from_dict,
 )
+from context_storage.task_lock import TaskAlreadyRunningError
 from context_storage.tool_store import ToolStore
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "GitLabIssueTaskKey",
     "GitLabMergeRequestTaskKey",
     "MessageStore",
+    "PreviousRun",
     "SummaryStore",
+    "TaskAlreadyRunningError",
     "TaskContextManager",
     "TaskKey",
     "ToolStore",

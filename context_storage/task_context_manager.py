@@ -9,8 +9,9 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ from context_storage.task_key import TaskKey
 from context_storage.task_lock import TaskLock
 from context_storage.tool_store import ToolStore
 from context_storage.unsaved import STATISTICS, keep_unsaved, resolve_in_flight, write_unsaved_statistics
-from db import DatabaseError, TaskAlreadyExistsError, TaskRepository
+from db import DatabaseError, Task, TaskAlreadyExistsError, TaskRepository
 from db.models import INT_MAX
 from db.models.types import canonical_uuid
 from db.private_files import make_private_dirs
+from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.startup import start_database
 
 logger = logging.getLogger(__name__)
@@ -161,6 +163,43 @@ class TaskContextManager:
         self.message_store = MessageStore(self.context_dir, self.config)
         self.summary_store = SummaryStore(self.context_dir)
         self.tool_store = ToolStore(self.context_dir)
+        self.open_extra_stores()
+
+    # Extension points: a subclass adds its own stores, a finishing step, and reads earlier runs.
+
+    def open_extra_stores(self) -> None:
+        """Create more stores under `self.context_dir` (a subclass's planning history, say). Called when the
+        manager starts and again whenever the directory moves (finish, resume), so that stores always point at
+        where their files are; files under the directory move with it."""
+
+    def before_finish(self, status: str, error_message: str | None) -> None:
+        """Runs when the task finishes (complete, stop, fail), before its row is written and its directory
+        moves: the place for a final summary. Statistics it adds are written with the outcome. An exception
+        here is logged and never stops the finishing."""
+
+    def previous_runs(
+        self, expiry_days: float | None = None, limit: int = 10, statuses: Sequence[str] = PREVIOUS_STATUSES
+    ) -> list[PreviousRun]:
+        """Earlier runs of this task's issue or merge request (this run excluded), most recently completed
+        first, each with the directory holding its files (None if it is gone). `expiry_days`: only runs
+        completed within that many days. Empty, with a logged error, while the database is unavailable."""
+        repository = self._repository_or_none()
+        if repository is None:
+            logger.error("earlier runs of task %s not looked up: the database is unavailable", self.uuid)
+            return []
+        since = datetime.now(UTC) - timedelta(days=expiry_days) if expiry_days is not None else None
+        try:
+            runs = repository.find_previous(self.task_key, statuses=statuses, since=since, limit=limit + 1)
+        except DatabaseError as exc:
+            logger.error("earlier runs of task %s not looked up: %s", self.uuid, exc)
+            return []
+        found = []
+        for task in runs:
+            if task.uuid == self.uuid:
+                continue
+            directory = self.completed_dir / task.uuid
+            found.append(PreviousRun(task, directory if directory.is_dir() else None))
+        return found[:limit]
 
     def _llm_settings(self) -> dict[str, Any]:
         llm = self.config.get("llm") or {}
@@ -321,6 +360,10 @@ class TaskContextManager:
     def _finish_locked(
         self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]
     ) -> None:
+        try:
+            self.before_finish(status, error_message)
+        except Exception:
+            logger.exception("the finishing step of task %s failed; the task finishes as %s", self.uuid, status)
         written = self._write(status, action, force=True)
         completed_at = datetime.now(UTC).isoformat()
         changes: dict[str, Any] = {"status": status, "completed_at": completed_at}
@@ -344,6 +387,14 @@ class TaskContextManager:
         self.context_dir = target
         self._finished = status
         self._open_stores()
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """An earlier run of the same issue or merge request: its row, and the directory of its files."""
+
+    task: Task
+    context_dir: Path | None
 
 
 class _Refused:
