@@ -108,6 +108,30 @@ def test_days_with_a_daylight_saving_change_are_calendar_days() -> None:
     assert start == datetime(2025, 11, 2, 4, 0, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    ("zone", "now", "expected"),
+    [
+        # New York falls back on 2025-11-02: that day has 25 hours.
+        ("America/New_York", datetime(2025, 11, 3, 12, tzinfo=UTC), [(1, 1), (2, 6), (3, 8)]),
+        # ...and springs forward on 2025-03-09: 23 hours.
+        ("America/New_York", datetime(2025, 3, 10, 12, tzinfo=UTC), [(8, 1), (9, 6), (10, 8)]),
+        ("Asia/Kolkata", datetime(2025, 11, 3, 12, tzinfo=UTC), [(1, 0), (2, 3), (3, 12)]),
+    ],
+)
+def test_daily_sums_follow_the_zones_rules_across_offset_changes(
+    connection: DatabaseConnection, repo: TaskRepository, zone: str, now: datetime, expected: list[tuple[int, int]]
+) -> None:
+    month = now.month
+    if month == 11:
+        instants = ["2025-11-02T03:30:00", "2025-11-02T04:30:00", "2025-11-03T04:30:00", "2025-11-03T05:30:00"]
+    else:
+        instants = ["2025-03-09T04:30:00", "2025-03-09T05:30:00", "2025-03-10T03:30:00", "2025-03-10T04:30:00"]
+    for instant, tokens in zip(instants, (1, 2, 4, 8), strict=True):
+        repo.create(task_data(created_at=datetime.fromisoformat(instant).replace(tzinfo=UTC), total_tokens=tokens))
+    daily = TaskUsageQuery(connection).daily(days=3, zone=zone, now=now)
+    assert [(entry.day.day, entry.tokens) for entry in daily] == expected
+
+
 def test_legacy_rows_count_on_the_right_day(tmp_path: Path) -> None:
     path = tmp_path / "tasks.db"
     write_legacy_db(path, rows=0)

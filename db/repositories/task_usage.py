@@ -7,13 +7,13 @@ count on the day it was created; weeks start on Monday.
 
 from __future__ import annotations
 
-import bisect
+import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Date, and_, case, cast, func, literal, select, true
 
 from db.connection import DatabaseConnection
 from db.models import Task
@@ -127,22 +127,72 @@ class TaskUsageQuery:
         tz = time_zone(zone)
         today = _now(now).astimezone(tz).date()
         calendar = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
-        starts = [day_start(day, tz) for day in calendar]
-        end = day_start(today + timedelta(days=1), tz)
-        statement = select(Task.created_at, Task.total_tokens).where(
-            Task.created_at >= literal(starts[0], UTCDateTime()),
-            Task.created_at < literal(end, UTCDateTime()),
-            _user_condition(user),
+        start, end = day_start(calendar[0], tz), day_start(today + timedelta(days=1), tz)
+        postgresql = self._connection.config.backend == "postgresql"
+        local_day = _local_day(_offset_spans(start, end, tz), postgresql)
+        statement = (
+            select(local_day, func.sum(Task.total_tokens))
+            .where(
+                Task.created_at >= literal(start, UTCDateTime()),
+                Task.created_at < literal(end, UTCDateTime()),
+                _user_condition(user),
+            )
+            .group_by(local_day)
         )
+        rows = run_in_transaction(
+            self._connection, lambda session: session.execute(statement).all(), "daily usage", redo_safe=True
+        )
+        sums = {_as_date(day): int(tokens or 0) for day, tokens in rows}
+        return [DailyUsage(day, sums.get(day, 0)) for day in calendar]
 
-        def work(session: Session) -> list[int]:
-            sums = [0] * days
-            for created_at, tokens in session.execute(statement).yield_per(5000):
-                sums[bisect.bisect_right(starts, created_at) - 1] += tokens
-            return sums
 
-        sums = run_in_transaction(self._connection, work, "daily usage", redo_safe=True)
-        return [DailyUsage(day, tokens) for day, tokens in zip(calendar, sums, strict=True)]
+def _offset_spans(start: datetime, end: datetime, zone: tzinfo) -> list[tuple[datetime, int]]:
+    """[(from, UTC offset in seconds)] over [start, end): the zone's offset changes only at the instants
+    listed (found from the zone's rules, to the second), so each span's local day is plain arithmetic."""
+
+    def offset(moment: datetime) -> int:
+        delta = moment.astimezone(zone).utcoffset()
+        return int(delta.total_seconds()) if delta is not None else 0
+
+    spans = [(start, offset(start))]
+    day = start
+    while day < end:
+        following = min(day + timedelta(days=1), end)
+        if offset(following) != spans[-1][1] or offset(day) != spans[-1][1]:
+            low, high = day, following
+            while high - low > timedelta(seconds=1):
+                middle = low + (high - low) / 2
+                if offset(middle) == offset(low):
+                    low = middle
+                else:
+                    high = middle
+            if offset(high) != spans[-1][1]:
+                spans.append((high.replace(microsecond=0), offset(high)))
+        day = following
+    return spans
+
+
+def _local_day(spans: list[tuple[datetime, int]], postgresql: bool) -> ColumnElement[Any]:
+    """The calendar day of `created_at` in the zone whose offsets `spans` lists, computed by the database."""
+
+    def shifted(seconds: int) -> ColumnElement[Any]:
+        if postgresql:
+            moment = func.timezone("UTC", Task.created_at) + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+            return cast(moment, Date)
+        # Stored as fixed-width UTC ISO-8601 text, which SQLite's date() reads.
+        return func.date(Task.created_at, f"{seconds:+d} seconds")
+
+    if len(spans) == 1:
+        return shifted(spans[0][1])
+    whens = [
+        (Task.created_at < literal(later, UTCDateTime()), shifted(seconds))
+        for (_, seconds), (later, _) in itertools.pairwise(spans)
+    ]
+    return case(*whens, else_=shifted(spans[-1][1]))
+
+
+def _as_date(value: object) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
 def _now(now: datetime | None) -> datetime:
