@@ -59,6 +59,17 @@ def test_migrate_then_agent(compose: dict[str, Any]) -> None:
     assert agent["healthcheck"]["test"] == ["CMD", "python", "main.py", "db", "check"]
 
 
+def test_pgbouncer_is_an_optional_profile_in_transaction_mode(compose: dict[str, Any]) -> None:
+    pgbouncer, pooled = compose["services"]["pgbouncer"], compose["services"]["agent-pooled"]
+    assert pgbouncer["profiles"] == ["pgbouncer"] and pooled["profiles"] == ["pgbouncer"]
+    assert "profiles" not in compose["services"]["agent"]
+    assert pgbouncer["environment"]["POOL_MODE"] == "transaction"
+    assert pooled["environment"]["DATABASE_HOST"] == "pgbouncer"
+    # PgBouncer refuses startup options: the timeouts come from the role instead.
+    assert pooled["environment"]["DATABASE_STATEMENT_TIMEOUT"] == "0" == pooled["environment"]["DATABASE_LOCK_TIMEOUT"]
+    assert 'ALTER ROLE :"runtime" SET statement_timeout' in INIT_SCRIPT.read_text(encoding="utf-8")
+
+
 def test_env_example_names_every_required_variable_and_no_real_secret(compose: dict[str, Any]) -> None:
     example = (ROOT / ".env.example").read_text(encoding="utf-8")
     defined = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
@@ -134,6 +145,8 @@ def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
     assert repo.delete(task.uuid)
 
     engine = create_engine(runtime.config.sqlalchemy_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar_one() == "30s"  # the role's, not ours
     refused = [
         "CREATE TABLE intruder (id int)",
         "CREATE TEMP TABLE scratch (id int)",

@@ -94,3 +94,46 @@ def write_concurrently(path: str, task_uuid: str, rounds: int) -> None:
         assert repository.update_statistics(mine, tokens=1)
     assert repository.complete(mine)
     DatabaseConnection.reset()
+
+
+def agent_life_cycles(url: str, base_dir: str, tasks: int, rounds: int, out: str) -> None:
+    """An agent process: `tasks` full TaskContextManager life cycles of `rounds` statistics each, counting
+    every error the manager logged (a connection error that reached it)."""
+    import json
+    import logging
+    import uuid
+
+    from context_storage import GitHubIssueTaskKey, TaskContextManager
+
+    errors: list[str] = []
+    retried: list[str] = []
+
+    class Count(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            (errors if record.levelno >= logging.ERROR else retried).append(record.getMessage())
+
+    logging.getLogger("context_storage").addHandler(Count(level=logging.ERROR))
+    logging.getLogger("db").addHandler(Count(level=logging.WARNING))
+    logging.getLogger("db").setLevel(logging.WARNING)
+    config = {
+        "context_storage": {"base_dir": base_dir},
+        "database": {
+            "url": url,
+            "pool": {"size": 1, "max_overflow": 1},
+            # Behind PgBouncer the timeouts belong to the role: no startup options.
+            "statement_timeout": 0,
+            "lock_timeout": 0,
+            "retry_timeout": 20,
+        },
+    }
+    done = []
+    for index in range(tasks):
+        key = str(uuid.uuid4())
+        manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", index), key, config)
+        for _ in range(rounds):
+            manager.update_statistics(llm_calls=1, tool_calls=2, tokens=10)
+        manager.complete()
+        done.append(key)
+    with open(out, "w", encoding="utf-8") as handle:
+        json.dump({"tasks": done, "errors": errors, "retried": retried}, handle)
+    DatabaseConnection.reset()

@@ -46,6 +46,11 @@ CREATE TABLE alembic_version (
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON alembic_version FROM :"runtime";
 RESET ROLE;
 
+-- The agents' statements are bounded by the role too, so that they stay bounded behind PgBouncer, which
+-- does not pass on the connection options that set these (DATABASE_STATEMENT_TIMEOUT, DATABASE_LOCK_TIMEOUT).
+ALTER ROLE :"runtime" SET statement_timeout = '30s';
+ALTER ROLE :"runtime" SET lock_timeout = '5s';
+
 -- Monitoring (python main.py db stats): query texts of every role.
 GRANT pg_read_all_stats TO :"owner";
 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
