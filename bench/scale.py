@@ -4,14 +4,24 @@ Each process runs `--tasks` life cycles (register, messages and tool calls on di
 through its own pool. Prints tasks/s, p50/p95 of every repository call, and checks the database's totals.
 
     python -m bench.scale [--processes 8] [--tasks 40] [--pool-size 2] [--max-overflow 1]
+
+`--curve`: aggregate `update_statistics` per second with 1, 4, 16 and 64 agent processes, directly and through
+PgBouncer (transaction mode, 20 server connections), each beside `pgbench` running the same UPDATE with the
+same number of clients against the same server in the same run.
+
+    python -m bench.scale --curve [--clients 1,4,16,64] [--seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
+import os
+import re
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -20,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
-from db import DatabaseConfig, DatabaseConnection, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, PoolConfig, TaskRepository
+from db.backup import find_pg_tool
 from db.schema import upgrade_schema
+from tests.pgbouncer import PgBouncer
 from tests.postgres_server import start_postgres
 
 TIMED = ("create", "update", "update_status", "update_statistics", "complete", "fail", "get_by_uuid")
@@ -66,13 +78,117 @@ def agent(index: int, config: dict[str, Any], url: str, tasks: int, out: str) ->
     DatabaseConnection.reset()
 
 
+def counting_agent(url: str, task_uuid: str, start_file: str, seconds: float, out: str) -> None:
+    """One agent process adding to its own task as fast as it can for `seconds` once `start_file` appears."""
+    config = DatabaseConfig(url=url, statement_timeout=0, lock_timeout=0, pool=PoolConfig(size=1, max_overflow=0))
+    repository = TaskRepository(DatabaseConnection.initialize(config))
+    repository.get_by_uuid(task_uuid)  # connected before the clock starts, as pgbench is
+    while not Path(start_file).exists():
+        time.sleep(0.01)
+    calls, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        repository.update_statistics(task_uuid, llm_calls=1, tool_calls=2, tokens=100)
+        calls += 1
+    Path(out).write_text(str(calls), encoding="utf-8")
+    DatabaseConnection.reset()
+
+
+PGBENCH_SCRIPT = (
+    "UPDATE tasks SET llm_call_count = llm_call_count + 1, tool_call_count = tool_call_count + 2, "
+    "total_tokens = total_tokens + 100, updated_at = now() WHERE uuid = md5((:client_id + 1)::text)::uuid;\n"
+)
+
+
+def agents_rate(url: str, clients: int, seconds: float) -> float:
+    with tempfile.TemporaryDirectory() as workdir:
+        start = Path(workdir) / "start"
+        outputs = [Path(workdir) / f"{index}.out" for index in range(clients)]
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(
+                target=counting_agent,
+                args=(
+                    url,
+                    str(uuid.UUID(hashlib.md5(str(index + 1).encode(), usedforsecurity=False).hexdigest())),
+                    str(start),
+                    seconds,
+                    str(out),
+                ),
+            )
+            for index, out in enumerate(outputs)
+        ]
+        for process in processes:
+            process.start()
+        time.sleep(2 + clients * 0.4)  # let every process import and connect
+        start.touch()
+        for process in processes:
+            process.join()
+        return sum(int(out.read_text()) for out in outputs) / seconds
+
+
+def pgbench_rate(url: Any, clients: int, seconds: float) -> float:
+    pgbench = find_pg_tool("pgbench")
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(PGBENCH_SCRIPT)
+    env = {**os.environ, "PGPASSWORD": str(url.password)}
+    result = subprocess.run(
+        [pgbench, "-n", "-h", str(url.host), "-p", str(url.port), "-U", str(url.username), "-c", str(clients),
+         "-j", str(min(clients, 2)), "-T", str(int(seconds)), "-f", script.name, str(url.database)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    os.unlink(script.name)
+    match = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", result.stdout)
+    if match is None:
+        raise SystemExit(f"pgbench printed no rate: {result.stdout[-500:]}")
+    return float(match.group(1))
+
+
+def curve(clients_list: list[int], seconds: float) -> None:
+    server = start_postgres(need_cluster=True)
+    bouncer = None
+    try:
+        server.execute_admin("CREATE ROLE agent LOGIN PASSWORD 'agent-pass'", "CREATE DATABASE bench_curve OWNER agent")
+        direct = server.database_url("bench_curve").set(username="agent", password="agent-pass")
+        connection = DatabaseConnection.initialize(DatabaseConfig(url=direct.render_as_string(hide_password=False)))
+        upgrade_schema(connection)
+        with connection.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO tasks (uuid, task_source, owner, repo, task_type, task_id, status, created_at, "
+                "updated_at) SELECT md5(i::text)::uuid, 'github', 'acme', 'web', 'issue', i::text, 'running', "
+                "now(), now() "
+                f"FROM generate_series(1, {max(clients_list)}) AS i"
+            )
+        DatabaseConnection.reset()
+        bouncer = PgBouncer(server.url, "bench_curve", "agent", "agent-pass", pool_size=20)
+        bouncer.start()
+        print(f"server: {server.description}; update_statistics per second, {seconds:.0f} s each, best of one run")
+        print(f"{'clients':>7}  {'path':<10} {'repository':>11} {'pgbench':>9} {'ratio':>6}")
+        for path, url in (("direct", direct), ("pgbouncer", bouncer.url)):
+            text = url.render_as_string(hide_password=False)
+            for clients in clients_list:
+                ours = agents_rate(text, clients, seconds)
+                theirs = pgbench_rate(url, clients, seconds)
+                print(f"{clients:>7}  {path:<10} {ours:>11,.0f} {theirs:>9,.0f} {ours / theirs:>5.2f}x")
+    finally:
+        DatabaseConnection.reset()
+        if bouncer is not None:
+            bouncer.stop()
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--curve", action="store_true", help="update_statistics/s at several client counts")
+    parser.add_argument("--clients", default="1,4,16,64", help="client counts for --curve")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement for --curve")
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--tasks", type=int, default=40)
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument("--max-overflow", type=int, default=1)
     args = parser.parse_args()
+    if args.curve:
+        curve([int(part) for part in args.clients.split(",")], args.seconds)
+        return
     server = start_postgres(need_cluster=True)
     try:
         server.execute_admin("CREATE DATABASE bench_scale")
