@@ -410,3 +410,35 @@ def test_the_running_token_count_equals_a_fresh_count(tmp_path: Path) -> None:
     expected = (20 * 7) // 4 + 25 + sum((index * 7) // 4 for index in range(21, 30))
     assert store.get_current_token_count() == expected
     assert MessageStore(tmp_path, {}).get_current_token_count() == expected
+
+
+# 2 and 10, killed for real: half a line or half a metadata.json on disk when the process dies
+
+
+def test_a_process_killed_mid_append_leaves_files_the_next_run_reads(agent_config: dict[str, Any]) -> None:  # noqa: F811
+    key = str(uuid.uuid4())
+    killed(child("mid-append", agent_config, key))
+    resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
+    store = resumed.get_message_store()
+    assert store.count_messages() == 0  # the torn message is not counted...
+    assert store.get_current_token_count() == 0
+    assert store.add_message("user", "again") == 1  # ...and the next one is numbered as if it never was
+    for name in ("messages.jsonl", "current.jsonl"):
+        lines = (resumed.context_dir / name).read_bytes().splitlines()
+        assert all(isinstance(json.loads(line), dict) for line in lines), name
+    assert (resumed.context_dir / "messages.jsonl.torn").stat().st_size > 0
+    resumed.complete()
+    assert stored(key).status == "completed"
+
+
+def test_a_process_killed_mid_metadata_write_loses_nothing(agent_config: dict[str, Any]) -> None:  # noqa: F811
+    key = str(uuid.uuid4())
+    killed(child("mid-metadata", agent_config, key))
+    base = Path(agent_config["context_storage"]["base_dir"])
+    running = base / "running" / key
+    assert metadata(running)["uuid"] == key  # the old file, whole: the torn one was never renamed over it
+    resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
+    assert resumed.get_message_store().add_message("user", "again") == 1
+    resumed.complete()
+    assert metadata(base / "completed" / key)["status"] == "completed"
+    assert stored(key).status == "completed"
