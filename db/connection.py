@@ -161,6 +161,7 @@ class DatabaseConnection:
         self.engine = build_engine(config, read_only=read_only)
         self.session_factory = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
 
+
     @classmethod
     def initialize(cls, config: DatabaseConfig | None = None, *, read_only: bool = False) -> DatabaseConnection:
         """Create the process's connection (once), after checking that the database answers.
@@ -249,6 +250,24 @@ class DatabaseConnection:
                 yield session
         finally:
             self.session_factory.remove()
+
+    @contextmanager
+    def autocommit_session(self) -> Iterator[Session]:
+        """PostgreSQL only: a Session whose statements commit on their own, for work that is one statement:
+        one round trip instead of BEGIN, the statement and COMMIT.
+
+        The driver's autocommit flag is switched on the pooled connection and back before it returns to the
+        pool; both are client-side, where SQLAlchemy's isolation-level reset would cost a round trip.
+        """
+        with self.engine.connect() as connection:
+            driver = connection.connection.dbapi_connection
+            driver.autocommit = True  # type: ignore[union-attr]
+            try:
+                with Session(bind=connection, expire_on_commit=False) as session:
+                    yield session
+            finally:
+                if not connection.invalidated and not getattr(driver, "closed", True):
+                    driver.autocommit = False  # type: ignore[union-attr]
 
     def create_tables(self) -> None:
         """Create missing tables and indexes (development; production uses migrations)."""

@@ -75,16 +75,28 @@ def run_in_transaction(
     *,
     redo_safe: bool = False,
     committed: Callable[[T], bool] | None = None,
+    single_statement: bool = False,
 ) -> T:
     """Run `work(session)` in one transaction and commit it, retrying transient failures for `retry_timeout`.
 
     `redo_safe`: running the work twice leaves the same state as running it once. `committed(result)`: tells,
     after a COMMIT whose answer was lost, whether it took effect. With neither, such a failure is raised as a
     `DatabaseError` saying the outcome is unknown. `IntegrityError` is left to the caller to interpret.
+    `single_statement` (with `redo_safe`): the work sends one statement, which on PostgreSQL then commits on
+    its own, in one round trip; whatever happens to it, doing it again is safe.
     """
+    if single_statement and redo_safe and connection.config.backend == "postgresql":
+
+        def once() -> T:
+            return _run_autocommitted(connection, work)
+    else:
+
+        def once() -> T:
+            return _run_once(connection, work, redo_safe, committed)
+
     try:
         # The common case pays for no retry machinery: it is set up after a first transient failure.
-        return _run_once(connection, work, redo_safe, committed)
+        return once()
     except _FailedBeforeCommitError as failure:
         if not _is_transient(failure):
             _raise_failure(failure, description)
@@ -96,7 +108,7 @@ def run_in_transaction(
     try:
         for attempt in retrying:
             with attempt:
-                return _run_once(connection, work, redo_safe, committed)
+                return once()
     except _FailedBeforeCommitError as failure:
         _raise_failure(failure, description)
     raise AssertionError("unreachable: tenacity either returns or raises")
@@ -107,6 +119,15 @@ def _raise_failure(failure: _FailedBeforeCommitError, description: str) -> NoRet
     if isinstance(error, IntegrityError):
         raise error from None
     raise DatabaseError(f"{description} failed: {describe_driver_error(error)}") from error
+
+
+def _run_autocommitted(connection: DatabaseConnection, work: Callable[[Session], T]) -> T:
+    """One statement that commits on its own (PostgreSQL): any failure leaves the work safe to do again."""
+    try:
+        with connection.autocommit_session() as session:
+            return work(session)
+    except SQLAlchemyError as error:
+        raise _FailedBeforeCommitError(error) from error
 
 
 def _run_once(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, inspect
+from sqlalchemy import Engine, event, inspect, text
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
@@ -96,6 +96,20 @@ def lose_the_answer_to_commit(engine: Engine) -> dict[str, int]:
     return state
 
 
+def lose_the_answer_to_the_statement(engine: Engine, prefix: str) -> None:
+    """The next statement starting with `prefix` runs (on PostgreSQL, in autocommit: it commits), then the
+    connection drops before its answer arrives."""
+    state = {"left": 1}
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def executed_then_drop(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if state["left"] and statement.lstrip().upper().startswith(prefix):
+            state["left"] -= 1
+            raw = connection.connection.dbapi_connection
+            raw.close()
+            raise type(raw).OperationalError("server closed the connection unexpectedly")  # the driver's own
+
+
 def count_statements(engine: Engine, prefix: str) -> list[str]:
     seen: list[str] = []
 
@@ -129,7 +143,10 @@ def test_work_that_sets_values_is_redone_after_a_lost_commit(
 ) -> None:
     task = repo.create(task_data())
     updates = count_statements(connection.engine, "UPDATE")
-    lose_the_answer_to_commit(connection.engine)
+    if connection.config.backend == "postgresql":
+        lose_the_answer_to_the_statement(connection.engine, "UPDATE")  # one statement, in autocommit
+    else:
+        lose_the_answer_to_commit(connection.engine)
     assert repo.complete(task.uuid) is True
     assert len(updates) == 2
     assert (found := repo.get_by_uuid(task.uuid)) is not None and found.status == "completed"
@@ -372,3 +389,37 @@ def test_context_storage_imports_neither_sqlite3_nor_sqlalchemy() -> None:
         }
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not imported & {"sqlite3", "sqlalchemy"}, path.name
+
+
+def test_single_statements_reach_postgresql_alone(scratch_database: Any) -> None:
+    """No BEGIN, COMMIT or SET around a read or a single-statement write: one round trip each."""
+    connection = DatabaseConnection.initialize(
+        DatabaseConfig(url=scratch_database.render_as_string(hide_password=False))
+    )
+    upgrade_schema(connection)
+    repo = TaskRepository(connection)
+    tasks = [repo.create(task_data()) for _ in range(5)]
+    with connection.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    with connection.autocommit_session() as session:  # the bookkeeping itself sends no BEGIN or COMMIT
+        session.execute(text("SELECT pg_stat_statements_reset()"))
+    for task in tasks:
+        assert repo.get_by_uuid(task.uuid) is not None
+        assert repo.update_status(task.uuid, "running")
+        assert repo.complete(task.uuid)
+        assert repo.fail(task.uuid, "x")
+    repo.list_by_status("failed")
+    repo.count_by_status()
+    with connection.autocommit_session() as session:
+        calls = dict(
+            session.execute(
+                text(
+                    "SELECT query, sum(calls) FROM pg_stat_statements "
+                    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) GROUP BY query"
+                )
+            ).all()
+        )
+    assert not {
+        query: count for query, count in calls.items() if query.split()[0].upper() in ("BEGIN", "COMMIT", "SET")
+    }
+    assert sum(count for query, count in calls.items() if query.lstrip().upper().startswith("UPDATE")) == 15

@@ -130,6 +130,7 @@ class TaskRepository:
             lambda session: session.scalars(_BY_UUID, {"key": key}).first(),
             "get task",
             redo_safe=True,
+            single_statement=True,
         )
         if task is None:
             logger.debug("task %s not found", key)
@@ -291,7 +292,11 @@ class TaskRepository:
         """Number of tasks in each status, every status listed."""
         statement = select(Task.status, func.count()).group_by(Task.status)
         rows = run_in_transaction(
-            self._connection, lambda session: session.execute(statement).all(), "count tasks", redo_safe=True
+            self._connection,
+            lambda session: session.execute(statement).all(),
+            "count tasks",
+            redo_safe=True,
+            single_statement=True,
         )
         counts = dict.fromkeys((status.value for status in TaskStatus), 0)
         counts.update({status: int(count) for status, count in rows})
@@ -302,7 +307,11 @@ class TaskRepository:
         # A Core UPDATE does not fire onupdate: updated_at is set here.
         statement = update(Task).where(Task.uuid == key).values({**values, "updated_at": utcnow()})
         return run_in_transaction(
-            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation, redo_safe=True
+            self._connection,
+            lambda session: _rowcount(session.execute(statement)) > 0,
+            operation,
+            redo_safe=True,
+            single_statement=True,
         )
 
     def _add_to_counters(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
@@ -349,5 +358,9 @@ class TaskRepository:
                 raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
         statement = select(Task).where(condition).order_by(*order).limit(limit).offset(offset)
         return run_in_transaction(
-            self._connection, lambda session: list(session.scalars(statement)), "list tasks", redo_safe=True
+            self._connection,
+            lambda session: list(session.scalars(statement)),
+            "list tasks",
+            redo_safe=True,
+            single_statement=True,
         )

@@ -107,7 +107,11 @@ class TaskUsageQuery:
             .group_by(Task.user)
         )
         rows = run_in_transaction(
-            self._connection, lambda session: session.execute(statement).all(), "usage", redo_safe=True
+            self._connection,
+            lambda session: session.execute(statement).all(),
+            "usage",
+            redo_safe=True,
+            single_statement=True,
         )
         usages = [UserUsage(row[0], *(int(value) for value in row[1:])) for row in rows]
         return sorted(usages, key=lambda usage: (-usage.month, -usage.total, usage.user or ""))
@@ -140,7 +144,11 @@ class TaskUsageQuery:
             .group_by(local_day)
         )
         rows = run_in_transaction(
-            self._connection, lambda session: session.execute(statement).all(), "daily usage", redo_safe=True
+            self._connection,
+            lambda session: session.execute(statement).all(),
+            "daily usage",
+            redo_safe=True,
+            single_statement=True,
         )
         sums = {_as_date(day): int(tokens or 0) for day, tokens in rows}
         return [DailyUsage(day, sums.get(day, 0)) for day in calendar]
