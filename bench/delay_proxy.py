@@ -28,6 +28,14 @@ class DelayProxy:
         return self
 
     def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        async def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
@@ -39,10 +47,15 @@ class DelayProxy:
         self._loop.run_forever()
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection(*self.target)
-        await asyncio.gather(
-            self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer), return_exceptions=True
-        )
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+            await asyncio.gather(
+                self._pipe(client_reader, server_writer),
+                self._pipe(server_reader, client_writer),
+                return_exceptions=True,
+            )
+        except (asyncio.CancelledError, OSError):
+            client_writer.close()  # the proxy is closing, or the target went away
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Chunks are delayed without holding back the ones behind them, as a link's latency would.

@@ -1,8 +1,9 @@
 """Benchmark of the repository against the raw drivers, measured in the same run; prints tables, asserts nothing.
 
 1. SQLite file: TaskRepository against the code path before the migration (a sqlite3.connect per call).
-2. PostgreSQL: TaskRepository against raw psycopg2 on one connection (a commit per operation, as the
-   repository does).
+2. PostgreSQL: TaskRepository against raw psycopg2 on one connection (BEGIN, the statement, COMMIT per
+   operation), on loopback and through a proxy adding `--delay-ms` each way (round trips as between hosts),
+   with the upstream agent's read-modify-write update_statistics beside.
 3. Scale: get_by_uuid and list_by_status(limit=50) latency on PostgreSQL at 10k, 100k and 1M rows, with the
    plan the server chose.
 4. Memory: resident size of this process over 100,000 repository operations.
@@ -25,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
-from db import DatabaseConfig, DatabaseConnection, TaskRepository
+from bench.delay_proxy import DelayProxy
+from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository
 from db.schema import upgrade_schema
 from tests.legacy_db import LEGACY_SCHEMA
 from tests.postgres_server import PostgresServer, start_postgres
@@ -96,9 +100,8 @@ def old_sqlite_ops(path: Path, count: int) -> dict[str, float]:
     }
 
 
-def raw_psycopg2_ops(server: PostgresServer, database: str, count: int) -> dict[str, float]:
-    url = server.database_url(database)
-    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password, dbname=database)
+def raw_psycopg2_ops(url: URL, count: int) -> dict[str, float]:
+    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database)
     cursor = conn.cursor()
     keys = [str(uuid.uuid4()) for _ in range(count)]
 
@@ -133,6 +136,60 @@ def raw_psycopg2_ops(server: PostgresServer, database: str, count: int) -> dict[
         }
     finally:
         conn.close()
+
+
+def upstream_update_statistics(connection: DatabaseConnection, count: int) -> float:
+    """The upstream agent's own SQLAlchemy version: read the row, add in Python, merge, commit, refresh."""
+    keys = [str(uuid.uuid4()) for _ in range(count)]
+    repo = TaskRepository(connection)
+    fields = dict(zip(("task_source", "owner", "repo", "task_type", "task_id"), ROW, strict=True))
+    for key in keys:
+        repo.create({"uuid": key, **fields})
+
+    def add(index: int) -> None:
+        with Session(connection.engine, expire_on_commit=False) as session:
+            task = session.get(Task, keys[index])
+            assert task is not None
+            task.llm_call_count += 1
+            task.total_tokens += 100
+            session.merge(task)
+            session.commit()
+            session.refresh(task)
+
+    return rate(count, add)
+
+
+def postgres_comparison(server: PostgresServer, count: int, delay_ms: float) -> None:
+    """Repository, raw psycopg2 and the upstream loop on one server: on loopback, or through a proxy that
+    delays each way by `delay_ms`, so that round trips cost what they cost between hosts."""
+    for name in ("bench_raw", "bench_repo", "bench_upstream"):
+        connect(server, name)
+        DatabaseConnection.reset()
+    with DelayProxy((str(server.url.host), int(server.url.port or 5432)), delay_ms / 1000) as proxy:
+
+        def through(name: str) -> URL:
+            url = server.database_url(name)
+            return url.set(port=proxy.port) if delay_ms else url
+
+        raw = raw_psycopg2_ops(through("bench_raw"), count)
+        connection = DatabaseConnection.initialize(
+            DatabaseConfig(url=through("bench_repo").render_as_string(hide_password=False))
+        )
+        ours = repository_ops(TaskRepository(connection), count)
+        DatabaseConnection.reset()
+        upstream = upstream_update_statistics(
+            DatabaseConnection.initialize(
+                DatabaseConfig(url=through("bench_upstream").render_as_string(hide_password=False))
+            ),
+            count,
+        )
+        DatabaseConnection.reset()
+    where = f"through a proxy adding {delay_ms:g} ms each way" if delay_ms else "on loopback"
+    print_comparison(f"PostgreSQL {where}: repository vs raw psycopg2 on one connection", "raw psycopg2", raw, ours)
+    print(
+        f"{'update_statistics, upstream':<26} {'(read, add, merge, commit, refresh)':>22} {upstream:>18,.0f} "
+        f"{upstream / raw['update_statistics']:>6.2f}x"
+    )
 
 
 def print_comparison(title: str, baseline_name: str, baseline: dict[str, float], ours: dict[str, float]) -> None:
@@ -245,6 +302,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--memory-ops", type=int, default=100_000)
+    parser.add_argument("--delay-ms", type=float, default=1.0, help="delay each way through the proxy (default 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -260,13 +318,8 @@ def main() -> None:
         server = start_postgres(need_cluster=True)
         try:
             print(f"\nserver: {server.description}")
-            connect(server, "bench_raw")
-            DatabaseConnection.reset()
-            raw = raw_psycopg2_ops(server, "bench_raw", args.ops)
-            repo = TaskRepository(connect(server, "bench_repo"))
-            ours = repository_ops(repo, args.ops)
-            DatabaseConnection.reset()
-            print_comparison("PostgreSQL: repository vs raw psycopg2 on one connection", "raw psycopg2", raw, ours)
+            postgres_comparison(server, args.ops, 0)
+            postgres_comparison(server, max(200, args.ops // 10), args.delay_ms)
             scale_curve(server, [int(size) for size in args.sizes.split(",") if size])
         finally:
             DatabaseConnection.reset()
