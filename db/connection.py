@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 APPLICATION_NAME = "coding-agent"
+# psycopg2.extensions.TRANSACTION_STATUS_INTRANS / _INERROR, without importing the driver here.
+PSYCOPG2_IN_TRANSACTION = 2
+PSYCOPG2_IN_ERROR = 3
 
 
 def describe_driver_error(exc: BaseException) -> str:
@@ -149,6 +152,17 @@ def _configure_sqlite(engine: Engine, *, journal: bool, read_only: bool) -> None
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+def use_driver_autocommit(driver: Any) -> None:
+    """Switch a psycopg2 connection to autocommit. A new connection can still be in the transaction its
+    `connect` hooks opened (a `SET`, say): that is committed first, as the first transaction would have."""
+    status = getattr(getattr(driver, "info", None), "transaction_status", 0)
+    if status == PSYCOPG2_IN_TRANSACTION:
+        driver.commit()
+    elif status == PSYCOPG2_IN_ERROR:
+        driver.rollback()
+    driver.autocommit = True
+
+
 class DatabaseConnection:
     """Owns the engine and a thread-local session registry; one instance per process."""
 
@@ -261,7 +275,7 @@ class DatabaseConnection:
         """
         with self.engine.connect() as connection:
             driver = connection.connection.dbapi_connection
-            driver.autocommit = True  # type: ignore[union-attr]
+            use_driver_autocommit(driver)
             try:
                 with Session(bind=connection, expire_on_commit=False) as session:
                     yield session

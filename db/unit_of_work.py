@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception
 
-from db.connection import DatabaseConnection, describe_driver_error, retry_policy
+from db.connection import DatabaseConnection, describe_driver_error, retry_policy, use_driver_autocommit
 from db.errors import DatabaseError
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,13 @@ def run_in_transaction(
     `redo_safe`: running the work twice leaves the same state as running it once. `committed(result)`: tells,
     after a COMMIT whose answer was lost, whether it took effect. With neither, such a failure is raised as a
     `DatabaseError` saying the outcome is unknown. `IntegrityError` is left to the caller to interpret.
-    `single_statement` (with `redo_safe`): the work sends one statement, which on PostgreSQL then commits on
-    its own, in one round trip; whatever happens to it, doing it again is safe.
+    `single_statement`: the work sends one statement, which on PostgreSQL then commits on its own, in one round
+    trip. It needs `redo_safe`, or `committed` (called with None, for work whose caller ignores the result).
     """
-    if single_statement and redo_safe and connection.config.backend == "postgresql":
+    if single_statement and (redo_safe or committed is not None) and connection.config.backend == "postgresql":
 
         def once() -> T:
-            return _run_autocommitted(connection, work)
+            return _run_autocommitted(connection, work, None if redo_safe else committed)  # type: ignore[return-value, arg-type]
     else:
 
         def once() -> T:
@@ -121,12 +121,23 @@ def _raise_failure(failure: _FailedBeforeCommitError, description: str) -> NoRet
     raise DatabaseError(f"{description} failed: {describe_driver_error(error)}") from error
 
 
-def _run_autocommitted(connection: DatabaseConnection, work: Callable[[Session], T]) -> T:
-    """One statement that commits on its own (PostgreSQL): any failure leaves the work safe to do again."""
+def _run_autocommitted(
+    connection: DatabaseConnection, work: Callable[[Session], T], committed: Callable[[T | None], bool] | None
+) -> T | None:
+    """One statement that commits on its own (PostgreSQL). Work that is safe to redo is redone after any
+    failure; otherwise, when the connection was lost with the statement sent, `committed(None)` tells whether
+    it took effect (then None is returned), and if it cannot tell the outcome is reported as unknown."""
     try:
         with connection.autocommit_session() as session:
-            return work(session)
+            result = work(session)
+            session.commit()  # nothing is sent: the statement committed already; the objects stay loaded
+            return result
     except SQLAlchemyError as error:
+        lost = isinstance(error, DBAPIError) and error.connection_invalidated
+        if committed is None or not lost:
+            raise _FailedBeforeCommitError(error) from error
+        if committed(None):
+            return None
         raise _FailedBeforeCommitError(error) from error
 
 
@@ -150,6 +161,69 @@ def _run_once(
         if committed(result):
             return result
         raise _FailedBeforeCommitError(error) from error
+
+
+def run_begun_with(
+    connection: DatabaseConnection,
+    sql: str,
+    parameters: dict[str, Any],
+    description: str,
+    committed: Callable[[tuple[Any, ...]], bool],
+) -> tuple[Any, ...] | None:
+    """PostgreSQL: `BEGIN; <sql>` in one message, then `COMMIT`: two round trips where a transaction around one
+    statement takes three, and still a transaction whose COMMIT can be looked up. `sql` returns one row (or
+    none: then nothing is committed and None returned). A failure before COMMIT is retried like any other;
+    a COMMIT whose answer was lost is resolved by `committed(row)`, never by sending the work again.
+    """
+
+    def once() -> tuple[Any, ...] | None:
+        sent: tuple[Any, ...] | None = None
+        try:
+            with connection.engine.connect() as conn:
+                driver = conn.connection.dbapi_connection
+                use_driver_autocommit(driver)  # client-side: BEGIN is ours to send
+                try:
+                    row = conn.exec_driver_sql(f"BEGIN; {sql}", parameters).first()
+                    if row is None:
+                        conn.exec_driver_sql("ROLLBACK")
+                        return None
+                    sent = tuple(row)
+                    conn.exec_driver_sql("COMMIT")
+                    return sent
+                finally:
+                    if not conn.invalidated and not getattr(driver, "closed", True):
+                        if sent is None:
+                            conn.exec_driver_sql("ROLLBACK")  # an aborted transaction must not reach the pool
+                        driver.autocommit = False  # type: ignore[union-attr]
+        except SQLAlchemyError as error:
+            lost = isinstance(error, DBAPIError) and error.connection_invalidated
+            if sent is None or _known_rolled_back(error):
+                raise _FailedBeforeCommitError(error) from error
+            if not lost:
+                raise DatabaseError(
+                    f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
+                ) from error
+            if committed(sent):
+                return sent
+            raise _FailedBeforeCommitError(error) from error
+
+    try:
+        return once()
+    except _FailedBeforeCommitError as failure:
+        if not _is_transient(failure):
+            _raise_failure(failure, description)
+        logger.warning("%s: failed (%s); retrying", description, describe_driver_error(failure))
+    retrying = Retrying(
+        retry=retry_if_exception(_is_transient),
+        **retry_policy(connection.config.retry_timeout, 0.05, 2, description),
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                return once()
+    except _FailedBeforeCommitError as failure:
+        _raise_failure(failure, description)
+    raise AssertionError("unreachable: tenacity either returns or raises")
 
 
 def _known_rolled_back(error: SQLAlchemyError) -> bool:

@@ -33,7 +33,7 @@ from db.connection import DatabaseConnection
 from db.errors import TaskAlreadyExistsError
 from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus, utcnow
 from db.models.types import UTCDateTime, canonical_uuid
-from db.unit_of_work import postgresql_transaction_committed, run_in_transaction
+from db.unit_of_work import postgresql_transaction_committed, run_begun_with, run_in_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,20 @@ def _counter_update(added: tuple[str, ...], postgresql: bool, guarded: bool = Fa
     return statement
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_statement(statement: Any, dialect: Any) -> Any:
+    return statement.compile(dialect=dialect)
+
+
+def _for_driver(
+    statement: Any, connection: DatabaseConnection, parameters: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The statement's SQL for the driver (pyformat) and every parameter it takes, its constants included;
+    compiled once per statement."""
+    compiled = _compiled_statement(statement, connection.engine.dialect)
+    return str(compiled), compiled.construct_params(parameters)
+
+
 def _rowcount(result: Result[Any]) -> int:
     return int(getattr(result, "rowcount", 0))
 
@@ -113,7 +127,11 @@ class TaskRepository:
 
         try:
             run_in_transaction(
-                self._connection, work, "create task", committed=lambda _: self.get_by_uuid(task.uuid) is not None
+                self._connection,
+                work,
+                "create task",
+                committed=lambda _: self.get_by_uuid(task.uuid) is not None,
+                single_statement=True,
             )
         except IntegrityError:
             if self.get_by_uuid(task.uuid) is not None:
@@ -315,8 +333,9 @@ class TaskRepository:
         )
 
     def _add_to_counters(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
-        """Add to counters: never redone once it may have committed. On PostgreSQL the transaction id comes
-        back with the UPDATE (no extra round trip), so a COMMIT whose answer was lost can be looked up."""
+        """Add to counters: never redone once it may have committed. On PostgreSQL BEGIN and the UPDATE go in
+        one message and the transaction id comes back with it, so the work takes two round trips and a COMMIT
+        whose answer was lost can be looked up."""
         postgresql = self._connection.config.backend == "postgresql"
         statement = _counter_update(added, postgresql, "expected" in parameters)
         if not postgresql:
@@ -327,14 +346,11 @@ class TaskRepository:
             )
             return found
 
-        def work(session: Session) -> tuple[str, str] | None:
-            row = session.execute(statement, parameters).first()
-            return None if row is None else (str(row[0]), str(row[1]))
+        def committed(row: tuple[Any, ...]) -> bool:
+            return postgresql_transaction_committed(self._connection, str(row[0]), str(row[1]))
 
-        def committed(outcome: tuple[str, str] | None) -> bool:
-            return outcome is not None and postgresql_transaction_committed(self._connection, *outcome)
-
-        outcome = run_in_transaction(self._connection, work, "update_statistics", committed=committed)
+        sql, values = _for_driver(statement, self._connection, parameters)
+        outcome = run_begun_with(self._connection, sql, values, "update_statistics", committed)
         return outcome is not None
 
     @staticmethod
