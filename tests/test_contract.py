@@ -169,6 +169,17 @@ def test_a_create_whose_commit_answer_was_lost_is_looked_up(
     assert len(inserts) == 1 and repo.get_by_uuid(task.uuid) is not None
 
 
+def test_a_delete_whose_answer_was_lost_is_looked_up(connection: DatabaseConnection, repo: TaskRepository) -> None:
+    task = repo.create(task_data())
+    deletes = count_statements(connection.engine, "DELETE")
+    if connection.config.backend == "postgresql":
+        lose_the_answer_to_the_statement(connection.engine, "DELETE")
+    else:
+        lose_the_answer_to_commit(connection.engine)
+    assert repo.delete(task.uuid) is True
+    assert len(deletes) == 1 and repo.get_by_uuid(task.uuid) is None
+
+
 # Start-up retry: a server that comes up inside the window is reached
 
 
@@ -416,9 +427,11 @@ def test_single_statements_reach_postgresql_alone(scratch_database: Any) -> None
         assert repo.update_status(task.uuid, "running")
         assert repo.complete(task.uuid)
         assert repo.fail(task.uuid, "x")
+        assert repo.update(task.uuid, {"model": "m"}) is not None
     repo.create(task_data())
     repo.list_by_status("failed")
     repo.count_by_status()
+    assert repo.delete(tasks[0].uuid)
     with connection.autocommit_session() as session:
         calls = dict(
             session.execute(
@@ -431,4 +444,5 @@ def test_single_statements_reach_postgresql_alone(scratch_database: Any) -> None
     assert not {
         query: count for query, count in calls.items() if query.split()[0].upper() in ("BEGIN", "COMMIT", "SET")
     }
-    assert sum(count for query, count in calls.items() if query.lstrip().upper().startswith("UPDATE")) == 15
+    assert sum(count for query, count in calls.items() if query.lstrip().upper().startswith("UPDATE")) == 20
+    assert sum(count for query, count in calls.items() if query.lstrip().upper().startswith("DELETE")) == 1

@@ -164,15 +164,21 @@ class TaskRepository:
         if unknown:
             raise ValueError(f"unknown task fields: {', '.join(unknown)}")
         values = Task.check_values(updates)
-
-        def work(session: Session) -> Task | None:
-            task = session.get(Task, key)
-            if task is not None:
-                for name, value in values.items():
-                    setattr(task, name, value)
-            return task
-
-        task = run_in_transaction(self._connection, work, "update task", redo_safe=True)
+        # One statement (UPDATE ... RETURNING the row): setting values twice is setting them once.
+        statement = (
+            update(Task)
+            .where(Task.uuid == key)
+            .values({**values, "updated_at": utcnow()})
+            .returning(Task)
+            .execution_options(synchronize_session=False)
+        )
+        task = run_in_transaction(
+            self._connection,
+            lambda session: session.scalars(statement).first(),
+            "update task",
+            redo_safe=True,
+            single_statement=True,
+        )
         if task is None:
             logger.warning("update: task %s does not exist", key)
         else:
@@ -298,13 +304,15 @@ class TaskRepository:
         """Delete the task; False when it did not exist."""
         key = canonical_uuid(uuid)
         statement = delete(Task).where(Task.uuid == key)
+        # On PostgreSQL one statement in autocommit; if its answer is lost, a task no longer there was deleted.
         deleted = run_in_transaction(
             self._connection,
             lambda session: _rowcount(session.execute(statement)) > 0,
             "delete task",
             committed=lambda found: not found or self.get_by_uuid(key) is None,
+            single_statement=True,
         )
-        return self._report(deleted, "delete", key)
+        return self._report(deleted is not False, "delete", key)
 
     def count_by_status(self) -> dict[str, int]:
         """Number of tasks in each status, every status listed."""
