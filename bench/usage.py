@@ -14,28 +14,18 @@ import argparse
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 
+from bench.context_files import best
 from bench.run import connect
 from db import DatabaseConnection, TaskUsageQuery
 from tests.postgres_server import start_postgres
 
 ZONE = "Asia/Tokyo"
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
-
-
-def best(call: Callable[[], Any], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def populate(connection: DatabaseConnection, rows: int) -> None:

@@ -55,7 +55,8 @@ def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
     return {**os.environ, **{key: str(value) for key, value in settings.items() if value}}
 
 
-def _run_pg_tool(connection: DatabaseConnection, *args: str) -> None:
+def _run_pg_tool(connection: DatabaseConnection, *args: str) -> str:
+    """Run pg_dump or pg_restore with the connection's settings in its environment; its standard output."""
     result = subprocess.run(
         [find_pg_tool(args[0]), *args[1:]],
         env=libpq_environment(connection),
@@ -65,6 +66,7 @@ def _run_pg_tool(connection: DatabaseConnection, *args: str) -> None:
     )
     if result.returncode != 0:
         raise DatabaseError(f"{args[0]} failed: {_last_line(result.stderr, result.returncode)}")
+    return result.stdout
 
 
 def backup_database(connection: DatabaseConnection, output: Path) -> Path:
@@ -178,10 +180,10 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
 
 
 def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> RestoreResult:
-    listing = _pg_tool_output(connection, "pg_restore", "--list", "--", str(backup))
+    listing = _run_pg_tool(connection, "pg_restore", "--list", "--", str(backup))
     if not re.search(r"^\d+; \d+ \d+ TABLE DATA \S+ tasks ", listing, re.MULTILINE):
         raise DatabaseError(f"{backup} holds no data of a tasks table; nothing was changed")
-    version_lines = _pg_tool_output(
+    version_lines = _run_pg_tool(
         connection, "pg_restore", "--data-only", "--table=alembic_version", "--file=-", "--", str(backup)
     ).splitlines()
     header = next((index for index, line in enumerate(version_lines) if line.startswith("COPY ")), None)
@@ -256,19 +258,6 @@ class _CopyData:
 def _last_line(stderr: str, returncode: int | None) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     return lines[-1] if lines else f"exit status {returncode}"
-
-
-def _pg_tool_output(connection: DatabaseConnection, *args: str) -> str:
-    result = subprocess.run(
-        [find_pg_tool(args[0]), *args[1:]],
-        env=libpq_environment(connection),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise DatabaseError(f"{args[0]} failed: {_last_line(result.stderr, result.returncode)}; nothing was changed")
-    return result.stdout
 
 
 def _start_pg_tool(connection: DatabaseConnection, *args: str) -> subprocess.Popen[str]:

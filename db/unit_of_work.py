@@ -94,6 +94,11 @@ def run_in_transaction(
         def once() -> T:
             return _run_once(connection, work, redo_safe, committed)
 
+    return _with_retries(connection, once, description)
+
+
+def _with_retries(connection: DatabaseConnection, once: Callable[[], T], description: str) -> T:
+    """`once()`, then again after each transient failure, with backoff, for up to `retry_timeout`."""
     try:
         # The common case pays for no retry machinery: it is set up after a first transient failure.
         return once()
@@ -207,23 +212,7 @@ def run_begun_with(
                 return sent
             raise _FailedBeforeCommitError(error) from error
 
-    try:
-        return once()
-    except _FailedBeforeCommitError as failure:
-        if not _is_transient(failure):
-            _raise_failure(failure, description)
-        logger.warning("%s: failed (%s); retrying", description, describe_driver_error(failure))
-    retrying = Retrying(
-        retry=retry_if_exception(_is_transient),
-        **retry_policy(connection.config.retry_timeout, 0.05, 2, description),
-    )
-    try:
-        for attempt in retrying:
-            with attempt:
-                return once()
-    except _FailedBeforeCommitError as failure:
-        _raise_failure(failure, description)
-    raise AssertionError("unreachable: tenacity either returns or raises")
+    return _with_retries(connection, once, description)
 
 
 def _known_rolled_back(error: SQLAlchemyError) -> bool:
