@@ -51,6 +51,18 @@ def _is_transient(exc: BaseException) -> bool:
     return is_transient_error(exc.error)
 
 
+def _connection_lost(error: BaseException) -> bool:
+    """The session ended under the work (dropped, terminated by a shutdown): whatever it sent last may or may
+    not have taken effect. Unlike a serialization failure or a deadlock, which roll back."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    original = getattr(error, "orig", None)
+    code = getattr(original, "pgcode", None)
+    if code is not None:
+        return bool(code.startswith(TRANSIENT_SQLSTATE_CLASSES))
+    return isinstance(error, OperationalError) and type(original).__module__.startswith("psycopg2")
+
+
 def is_transient_error(error: BaseException) -> bool:
     """True for failures that can succeed when tried again: a lost connection, a busy or locked SQLite file,
     a serialization failure or deadlock, a server shutting down or starting. Anything else (a missing
@@ -138,8 +150,7 @@ def _run_autocommitted(
             session.commit()  # nothing is sent: the statement committed already; the objects stay loaded
             return result
     except SQLAlchemyError as error:
-        lost = isinstance(error, DBAPIError) and error.connection_invalidated
-        if committed is None or not lost:
+        if committed is None or not _connection_lost(error):
             raise _FailedBeforeCommitError(error) from error
         if committed(None):
             return None
@@ -159,7 +170,7 @@ def _run_once(
     except SQLAlchemyError as error:
         if not committing or redo_safe or _known_rolled_back(error):
             raise _FailedBeforeCommitError(error) from error
-        if committed is None or not (isinstance(error, DBAPIError) and error.connection_invalidated):
+        if committed is None or not _connection_lost(error):
             raise DatabaseError(
                 f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
             ) from error
@@ -201,10 +212,9 @@ def run_begun_with(
                             conn.exec_driver_sql("ROLLBACK")  # an aborted transaction must not reach the pool
                         driver.autocommit = False  # type: ignore[union-attr]
         except SQLAlchemyError as error:
-            lost = isinstance(error, DBAPIError) and error.connection_invalidated
             if sent is None or _known_rolled_back(error):
                 raise _FailedBeforeCommitError(error) from error
-            if not lost:
+            if not _connection_lost(error):
                 raise DatabaseError(
                     f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
                 ) from error

@@ -32,6 +32,7 @@ def hammer(url: str, retry_timeout: float, stop_file: str, out: str) -> None:
     successes: dict[str, int] = {}
     failures = 0
     unknown = 0
+    messages: list[str] = []
     longest = 0.0
     last_success = 0.0
     from pathlib import Path
@@ -63,6 +64,7 @@ def hammer(url: str, retry_timeout: float, stop_file: str, out: str) -> None:
         except DatabaseError as exc:
             failures += 1
             unknown += "outcome is unknown" in str(exc)
+            messages.append(str(exc)[:300])
         longest = max(longest, time.monotonic() - started)
         calls += 1
     with open(out, "w", encoding="utf-8") as handle:
@@ -70,6 +72,7 @@ def hammer(url: str, retry_timeout: float, stop_file: str, out: str) -> None:
             {
                 "successes": successes,
                 "failures": failures,
+                "messages": messages[:10],
                 "unknown": unknown,
                 "longest": longest,
                 "last_success": last_success,
