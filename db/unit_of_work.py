@@ -200,16 +200,15 @@ def run_begun_with(
                 use_driver_autocommit(driver)  # client-side: BEGIN is ours to send
                 try:
                     row = conn.exec_driver_sql(f"BEGIN; {sql}", parameters).first()
-                    if row is None:
-                        conn.exec_driver_sql("ROLLBACK")
-                        return None
-                    sent = tuple(row)
-                    conn.exec_driver_sql("COMMIT")
+                    if row is not None:
+                        sent = tuple(row)
+                        conn.exec_driver_sql("COMMIT")  # ends the transaction, even when it fails
                     return sent
                 finally:
                     if not conn.invalidated and not getattr(driver, "closed", True):
                         if sent is None:
-                            conn.exec_driver_sql("ROLLBACK")  # an aborted transaction must not reach the pool
+                            # Nothing to commit, or a failure before COMMIT: no open transaction reaches the pool.
+                            conn.exec_driver_sql("ROLLBACK")
                         driver.autocommit = False  # type: ignore[union-attr]
         except SQLAlchemyError as error:
             if sent is None or _known_rolled_back(error):
