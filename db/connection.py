@@ -175,7 +175,6 @@ class DatabaseConnection:
         self.engine = build_engine(config, read_only=read_only)
         self.session_factory = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
 
-
     @classmethod
     def initialize(cls, config: DatabaseConfig | None = None, *, read_only: bool = False) -> DatabaseConnection:
         """Create the process's connection (once), after checking that the database answers.

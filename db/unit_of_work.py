@@ -109,6 +109,11 @@ def run_in_transaction(
     return _with_retries(connection, once, description)
 
 
+def run_single_statement(connection: DatabaseConnection, work: Callable[[Session], T], description: str) -> T:
+    """Work that is one statement and safe to redo (a read, or setting values): one round trip on PostgreSQL."""
+    return run_in_transaction(connection, work, description, redo_safe=True, single_statement=True)
+
+
 def _with_retries(connection: DatabaseConnection, once: Callable[[], T], description: str) -> T:
     """`once()`, then again after each transient failure, with backoff, for up to `retry_timeout`."""
     try:

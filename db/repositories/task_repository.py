@@ -33,7 +33,12 @@ from db.connection import DatabaseConnection
 from db.errors import TaskAlreadyExistsError
 from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus, utcnow
 from db.models.types import UTCDateTime, canonical_uuid
-from db.unit_of_work import postgresql_transaction_committed, run_begun_with, run_in_transaction
+from db.unit_of_work import (
+    postgresql_transaction_committed,
+    run_begun_with,
+    run_in_transaction,
+    run_single_statement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +148,8 @@ class TaskRepository:
     def get_by_uuid(self, uuid: str) -> Task | None:
         """The task with this uuid, or None."""
         key = canonical_uuid(uuid)
-        task = run_in_transaction(
-            self._connection,
-            lambda session: session.scalars(_BY_UUID, {"key": key}).first(),
-            "get task",
-            redo_safe=True,
-            single_statement=True,
+        task = run_single_statement(
+            self._connection, lambda session: session.scalars(_BY_UUID, {"key": key}).first(), "get task"
         )
         if task is None:
             logger.debug("task %s not found", key)
@@ -172,13 +173,7 @@ class TaskRepository:
             .returning(Task)
             .execution_options(synchronize_session=False)
         )
-        task = run_in_transaction(
-            self._connection,
-            lambda session: session.scalars(statement).first(),
-            "update task",
-            redo_safe=True,
-            single_statement=True,
-        )
+        task = run_single_statement(self._connection, lambda session: session.scalars(statement).first(), "update task")
         if task is None:
             logger.warning("update: task %s does not exist", key)
         else:
@@ -317,13 +312,7 @@ class TaskRepository:
     def count_by_status(self) -> dict[str, int]:
         """Number of tasks in each status, every status listed."""
         statement = select(Task.status, func.count()).group_by(Task.status)
-        rows = run_in_transaction(
-            self._connection,
-            lambda session: session.execute(statement).all(),
-            "count tasks",
-            redo_safe=True,
-            single_statement=True,
-        )
+        rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "count tasks")
         counts = dict.fromkeys((status.value for status in TaskStatus), 0)
         counts.update({status: int(count) for status, count in rows})
         return counts
@@ -332,12 +321,8 @@ class TaskRepository:
         """Set values on one row: doing it twice leaves what doing it once does, so it is always redone."""
         # A Core UPDATE does not fire onupdate: updated_at is set here.
         statement = update(Task).where(Task.uuid == key).values({**values, "updated_at": utcnow()})
-        return run_in_transaction(
-            self._connection,
-            lambda session: _rowcount(session.execute(statement)) > 0,
-            operation,
-            redo_safe=True,
-            single_statement=True,
+        return run_single_statement(
+            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation
         )
 
     def _add_to_counters(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
@@ -381,10 +366,4 @@ class TaskRepository:
                 allowed = f"{low}..{high}" if high else f">= {low}"
                 raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
         statement = select(Task).where(condition).order_by(*order).limit(limit).offset(offset)
-        return run_in_transaction(
-            self._connection,
-            lambda session: list(session.scalars(statement)),
-            "list tasks",
-            redo_safe=True,
-            single_statement=True,
-        )
+        return run_single_statement(self._connection, lambda session: list(session.scalars(statement)), "list tasks")

@@ -18,7 +18,7 @@ from sqlalchemy import ColumnElement, Date, and_, case, cast, func, literal, sel
 from db.connection import DatabaseConnection
 from db.models import Task
 from db.models.types import UTCDateTime
-from db.unit_of_work import run_in_transaction
+from db.unit_of_work import run_single_statement
 
 MAX_DAYS = 3660
 
@@ -106,13 +106,7 @@ class TaskUsageQuery:
             .where(_user_condition(user))
             .group_by(Task.user)
         )
-        rows = run_in_transaction(
-            self._connection,
-            lambda session: session.execute(statement).all(),
-            "usage",
-            redo_safe=True,
-            single_statement=True,
-        )
+        rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "usage")
         usages = [UserUsage(row[0], *(int(value) for value in row[1:])) for row in rows]
         return sorted(usages, key=lambda usage: (-usage.month, -usage.total, usage.user or ""))
 
@@ -143,13 +137,7 @@ class TaskUsageQuery:
             )
             .group_by(local_day)
         )
-        rows = run_in_transaction(
-            self._connection,
-            lambda session: session.execute(statement).all(),
-            "daily usage",
-            redo_safe=True,
-            single_statement=True,
-        )
+        rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "daily usage")
         sums = {_as_date(day): int(tokens or 0) for day, tokens in rows}
         return [DailyUsage(day, sums.get(day, 0)) for day in calendar]
 
