@@ -1,7 +1,7 @@
 """A SQLite tasks.db as the source of a data migration: opened read-only, checked, read, summarised.
 
-Rows are normalised the way the in-place upgrade normalises them: date-times as instants (no offset means
-UTC), NULL counters as 0, a missing updated_at as the first of completed_at, started_at, created_at.
+Every value is checked and carried over by db/legacy_rows.py, exactly as the in-place upgrade does; when no
+row needs more than date-times and NULL counters normalised, PostgreSQL's COPY input is formatted by SQLite.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sqlalchemy.pool import QueuePool
 
 from db.errors import DatabaseError
 from db.legacy_rows import Checked, carried_rows, check_all
-from db.models import COUNTER_COLUMNS, Task, TaskStatus
+from db.models import COUNTER_COLUMNS, Task
 from db.models.types import parse_stored_datetime
 from db.private_files import connect_sqlite
 
@@ -37,7 +37,6 @@ LENGTHS: dict[str, int] = {
 }
 STRINGS = (*LENGTHS, "error_message")
 INTEGERS = ("process_id", "context_length", *COUNTER_COLUMNS)
-STATUSES = tuple(status.value for status in TaskStatus)
 
 
 class DataMigrationError(DatabaseError):
@@ -178,14 +177,8 @@ class TaskSource:
         return None
 
     def rows(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-        """Normalised rows (every model column), a batch at a time."""
-        if self.reshaped:
-            yield from self._carried(batch_size)
-            return
-        present = [name for name in COLUMNS if name in self.columns]
-        sql = f"SELECT {', '.join(map(_quoted, present))} FROM tasks"  # noqa: S608
-        for rows in self._query(sql, batch_size):
-            yield [_normalise(dict(zip(present, row, strict=True))) for row in rows]
+        """The rows as they will be stored (every model column), a batch at a time; `check` comes first."""
+        yield from self._carried(batch_size)
 
     def copy_chunks(self, batch_size: int) -> Iterator[str]:
         """The normalised rows as CSV for `COPY ... (FORMAT csv)`, formatted by SQLite itself.
@@ -233,9 +226,8 @@ class TaskSource:
     def _source_aggregates(self) -> Aggregates:
         """The figures verification compares, from one scan of the source.
 
-        The same scan finds values the schema would refuse (unknown status, strings too long), which are
-        named. Date-time columns whose text is all canonical UTC sort as text; the others are parsed in Python,
-        so an unreadable date-time is named too.
+        Values the schema would refuse were named by `check` before. Date-time columns whose text is all
+        canonical UTC sort as text; the others are parsed in Python.
         """
         figures: dict[str, str] = {"rows": "count(*)"}
         for name in COLUMNS:
@@ -245,10 +237,6 @@ class TaskSource:
             figures[f"sum {name}"] = self._present(f"coalesce(sum({_quoted(name)}), 0)", name)
         for name in STRINGS:
             figures[f"sum {name}"] = self._present(f"coalesce(sum(length({_quoted(name)})), 0)", name)
-        for name in LENGTHS:
-            figures[f"longest {name}"] = self._present(f"coalesce(max(length({_quoted(name)})), 0)", name)
-        allowed = ", ".join(f"'{status}'" for status in STATUSES)
-        figures["unknown statuses"] = f"coalesce(sum(status IS NULL OR status NOT IN ({allowed})), 0)"
         for name in DATETIMES:
             expression = self._datetime_expression(name)
             figures[f"min {name}"] = f"min({expression})"
@@ -257,7 +245,6 @@ class TaskSource:
         row = self._first(f"SELECT {', '.join(figures.values())} FROM tasks")  # noqa: S608
         assert row is not None
         values = dict(zip(figures, row, strict=True))
-        self._refuse_unfit_values(values)
         result = Aggregates(rows=int(values["rows"]))
         for name in COLUMNS:
             result.non_null[name] = int(values[f"non_null {name}"])
@@ -279,22 +266,6 @@ class TaskSource:
             sources = [column for column in ("updated_at", *UPDATED_FALLBACK) if column in self.columns]
             return f"coalesce({', '.join(map(_quoted, sources))})"
         return _quoted(name) if name in self.columns else "NULL"
-
-    def _refuse_unfit_values(self, values: dict[str, Any]) -> None:
-        if values["unknown statuses"]:
-            allowed = ", ".join(f"'{status}'" for status in STATUSES)
-            query = f"SELECT uuid, status FROM tasks WHERE status IS NULL OR status NOT IN ({allowed}) LIMIT 1"  # noqa: S608
-            bad = self._first(query)
-            assert bad is not None
-            raise DataMigrationError(f"task {bad[0]}: unknown status {bad[1]!r}")
-        for name, limit in LENGTHS.items():
-            if values[f"longest {name}"] > limit:
-                quoted = _quoted(name)
-                long = self._first(f"SELECT uuid, length({quoted}) FROM tasks WHERE length({quoted}) > {limit} LIMIT 1")  # noqa: S608
-                assert long is not None
-                raise DataMigrationError(
-                    f"task {long[0]}: {name} is {long[1]} characters long, the column takes {limit}"
-                )
 
     def _datetime_extremes(self, result: Aggregates, names: set[str]) -> None:
         present = [name for name in DATETIMES if name in self.columns]
@@ -370,19 +341,6 @@ def _instant(task: object, name: str, value: object) -> datetime | None:
 def _unreadable(task: object, name: str, value: object) -> datetime:
     where = f"task {task}: " if task is not None else ""
     raise DataMigrationError(f"{where}{name} {value!r} is not a date-time")
-
-
-def _normalise(values: dict[str, Any]) -> dict[str, Any]:
-    task = values["uuid"]
-    row = {name: values.get(name) for name in COLUMNS}
-    for name in DATETIMES:
-        row[name] = _instant(task, name, row[name])
-    for name in COUNTER_COLUMNS:
-        if row[name] is None:
-            row[name] = 0
-    if row["updated_at"] is None:
-        row["updated_at"] = next(row[name] for name in UPDATED_FALLBACK if row[name] is not None)
-    return row
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
