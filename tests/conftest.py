@@ -66,13 +66,7 @@ def cluster_with_statistics(postgres_server: PostgresServer) -> Iterator[Postgre
 @pytest.fixture
 def scratch_database(cluster_with_statistics: PostgresServer) -> Iterator[URL]:
     """A database of the test's own on `cluster_with_statistics`, dropped afterwards."""
-    name = f"scratch_{uuid.uuid4().hex[:12]}"
-    cluster_with_statistics.execute_admin(f"CREATE DATABASE {name}")
-    try:
-        yield cluster_with_statistics.database_url(name)
-    finally:
-        DatabaseConnection.reset()
-        cluster_with_statistics.execute_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    yield from _database_of_our_own(cluster_with_statistics, f"scratch_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
@@ -85,13 +79,16 @@ def own_cluster() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> Iterator[URL]:
     """URL of a database the suite creates for itself on the server, and drops at the end: the server's other
     databases (TEST_DATABASE_URL may name a server in use) are never touched."""
-    name = f"{TEST_DATABASE}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    postgres_server.execute_admin(f"CREATE DATABASE {name}")
+    yield from _database_of_our_own(postgres_server, f"{TEST_DATABASE}_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+
+
+def _database_of_our_own(server: PostgresServer, name: str) -> Iterator[URL]:
+    server.execute_admin(f"CREATE DATABASE {name}")
     try:
-        yield postgres_server.database_url(name)
+        yield server.database_url(name)
     finally:
         DatabaseConnection.reset()
-        postgres_server.execute_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        server.execute_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

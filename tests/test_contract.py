@@ -23,6 +23,7 @@ from db.schema import upgrade_schema
 from tests.conftest import task_data
 from tests.postgres_server import PostgresServer
 from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
+from tests.test_task_model import EXPECTED_INDEXES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +111,15 @@ def lose_the_answer_to_the_statement(engine: Engine, prefix: str) -> None:
             raise type(raw).OperationalError("server closed the connection unexpectedly")  # the driver's own
 
 
+def lose_the_answer(connection: DatabaseConnection, statement: str) -> None:
+    """Lose the answer to the next `statement`: on PostgreSQL to the statement itself (a single statement
+    commits on its own; an increment sends its own COMMIT), on SQLite to the COMMIT after it."""
+    if connection.config.backend == "postgresql":
+        lose_the_answer_to_the_statement(connection.engine, statement)
+    else:
+        lose_the_answer_to_commit(connection.engine)
+
+
 def count_statements(engine: Engine, prefix: str) -> list[str]:
     seen: list[str] = []
 
@@ -127,10 +137,7 @@ def test_an_increment_is_not_redone_after_its_commit_was_sent(
 ) -> None:
     task = repo.create(task_data())
     updates = count_statements(connection.engine, "UPDATE")
-    if connection.config.backend == "postgresql":
-        lose_the_answer_to_the_statement(connection.engine, "COMMIT")  # the increment sends its own COMMIT
-    else:
-        lose_the_answer_to_commit(connection.engine)
+    lose_the_answer(connection, "COMMIT")
     if connection.config.backend == "postgresql":
         # PostgreSQL is asked whether the transaction committed: it did, so the call counts it once.
         assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
@@ -147,10 +154,7 @@ def test_work_that_sets_values_is_redone_after_a_lost_commit(
 ) -> None:
     task = repo.create(task_data())
     updates = count_statements(connection.engine, "UPDATE")
-    if connection.config.backend == "postgresql":
-        lose_the_answer_to_the_statement(connection.engine, "UPDATE")  # one statement, in autocommit
-    else:
-        lose_the_answer_to_commit(connection.engine)
+    lose_the_answer(connection, "UPDATE")
     assert repo.complete(task.uuid) is True
     assert len(updates) == 2
     assert (found := repo.get_by_uuid(task.uuid)) is not None and found.status == "completed"
@@ -160,10 +164,7 @@ def test_a_create_whose_commit_answer_was_lost_is_looked_up(
     connection: DatabaseConnection, repo: TaskRepository
 ) -> None:
     inserts = count_statements(connection.engine, "INSERT")
-    if connection.config.backend == "postgresql":
-        lose_the_answer_to_the_statement(connection.engine, "INSERT")  # one statement, in autocommit
-    else:
-        lose_the_answer_to_commit(connection.engine)
+    lose_the_answer(connection, "INSERT")
     task = repo.create(task_data())
     # Looked up and found: not sent again (which would have reported the task's own row as a duplicate).
     assert len(inserts) == 1 and repo.get_by_uuid(task.uuid) is not None
@@ -172,10 +173,7 @@ def test_a_create_whose_commit_answer_was_lost_is_looked_up(
 def test_a_delete_whose_answer_was_lost_is_looked_up(connection: DatabaseConnection, repo: TaskRepository) -> None:
     task = repo.create(task_data())
     deletes = count_statements(connection.engine, "DELETE")
-    if connection.config.backend == "postgresql":
-        lose_the_answer_to_the_statement(connection.engine, "DELETE")
-    else:
-        lose_the_answer_to_commit(connection.engine)
+    lose_the_answer(connection, "DELETE")
     assert repo.delete(task.uuid) is True
     assert len(deletes) == 1 and repo.get_by_uuid(task.uuid) is None
 
@@ -295,14 +293,7 @@ def test_the_migrated_schema_is_the_designed_one(blank_connection: DatabaseConne
         assert str(columns[counter]["default"]).strip("'()") == "0", counter
     assert inspector.get_pk_constraint("tasks")["constrained_columns"] == ["uuid"]
     indexes = {index["name"]: index["column_names"] for index in inspector.get_indexes("tasks")}
-    assert indexes == {
-        "ix_tasks_status": ["status"],
-        "ix_tasks_created_at": ["created_at"],
-        "ix_tasks_user": ["user"],
-        "ix_tasks_task_source_owner_repo": ["task_source", "owner", "repo"],
-        "ix_tasks_status_created_at": ["status", "created_at"],
-        "ix_tasks_user_created_at": ["user", "created_at"],
-    }
+    assert indexes == EXPECTED_INDEXES
     repo = TaskRepository(blank_connection)
     task = repo.create(task_data())
     assert (task.status, task.llm_call_count, task.total_tokens) == ("running", 0, 0)
