@@ -7,6 +7,7 @@ date (development) or insist that it is (APP_ENV=production), and print a short 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -55,9 +56,9 @@ def _open_for_reading(args: argparse.Namespace, *, wait: bool = True) -> Databas
     return DatabaseConnection.initialize(config if wait else replace(config, startup_timeout=0), read_only=True)
 
 
-def _read(args: argparse.Namespace) -> DatabaseConnection:
+def _read(args: argparse.Namespace, *, wait: bool = True) -> DatabaseConnection:
     """A reading connection to a database whose schema is at head; else the command that fixes it."""
-    connection = _open_for_reading(args)
+    connection = _open_for_reading(args, wait=wait)
     require_current_schema(connection)
     return connection
 
@@ -438,6 +439,7 @@ def _integer_in(low: int, high: int) -> Callable[[str], int]:
 
 _days = _integer_in(1, MAX_DAYS)
 _positive_limit = _integer_in(1, MAX_PAGE)
+_port = _integer_in(0, 65535)
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -479,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     tree.command(config, "show", cmd_config_show, "every effective database setting and where it came from")
     _add_db_commands(tree)
     _add_tasks_commands(tree)
+    _add_serve_command(tree)
     parser.epilog = tree.overview()
     return parser
 
@@ -558,6 +561,41 @@ def _add_tasks_commands(tree: _CommandTree) -> None:
         "compare task directories with their rows after crashes and outages; --yes puts them in step",
     )
     reconcile.add_argument("--yes", action="store_true", help="make the fixes listed")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # FastAPI and uvicorn are loaded for this command only: the agent itself starts without them.
+    from dashboard import Access, DashboardSettings, DatabaseSource  # noqa: PLC0415
+    from dashboard.server import bind, serve, url_of  # noqa: PLC0415
+
+    access = Access.for_bind(args.host, os.environ)
+    settings = DashboardSettings(zone=args.tz, refresh_seconds=args.refresh)
+    source = DatabaseSource(lambda: _read(args, wait=False))
+    sock = bind(args.host, args.port)
+    with contextlib.suppress(DatabaseError):
+        # Opened now to report a problem at once (the source logs it); the pages show it until it is fixed.
+        source.connection()
+    rule = "token required" if access.required else "no token: this machine only"
+    print(f"dashboard on {url_of(sock)} ({rule}); Ctrl-C stops it", flush=True)
+    serve(sock, source, access, settings)
+    return 0
+
+
+def _add_serve_command(tree: _CommandTree) -> None:
+    server = tree.groups.add_parser(
+        "serve",
+        help="read-only web dashboard and JSON API over the tasks table",
+        description="Read-only web dashboard and JSON API over the tasks table. Off loopback, DASHBOARD_TOKEN "
+        "must be set; requests then carry it (Authorization: Bearer, or the sign-in page).",
+    )
+    server.set_defaults(handler=cmd_serve)
+    tree.listed.append(("serve", "read-only web dashboard and JSON API over the tasks table"))
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=_port, default=8080, help="port to listen on, 0 for any free one (default 8080)")
+    server.add_argument("--tz", default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)")
+    server.add_argument(
+        "--refresh", type=_integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"
+    )
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

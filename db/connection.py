@@ -81,6 +81,9 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
             # transaction) makes a write give up instead of stopping the agent. Sent once, at connection.
             limits = (("statement_timeout", config.statement_timeout), ("lock_timeout", config.lock_timeout))
             bounds = [f"-c {name}={round(seconds * 1000)}" for name, seconds in limits if seconds]
+            if read_only:
+                # A reader's every transaction is read-only: the server refuses a write, whatever the role may do.
+                bounds.append("-c default_transaction_read_only=on")
             if bounds:
                 connect_args["options"] = " ".join(bounds)
         # No pre-ping: a connection the server dropped is retried once by the repository instead, which
@@ -137,6 +140,9 @@ def _configure_sqlite(engine: Engine, *, journal: bool, read_only: bool) -> None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            # SQLite refuses any write on this connection ("attempt to write a readonly database").
+            cursor.execute("PRAGMA query_only = ON")
         if journal and _ours(cursor):
             cursor.execute("PRAGMA journal_mode = WAL")
             # In WAL mode NORMAL is safe from corruption and loses nothing when a process dies; only a power

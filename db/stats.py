@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from db.connection import DatabaseConnection
+from db.redaction import redact_secrets
 
 
 def database_stats(connection: DatabaseConnection) -> dict[str, Any]:
@@ -82,22 +82,6 @@ def _statements(conn: Connection) -> dict[str, Any]:
     for row in top:
         row["query"] = redact_secrets(str(row["query"]))
     return {"available": True, "top_by_total_time": top}
-
-
-# `PASSWORD '...'` (CREATE/ALTER ROLE, dblink and FDW options): the literal after it, in any quoting.
-_PASSWORD_LITERAL = re.compile(
-    r"""(password\b\s*[=:]?\s*)(E?'(?:[^'\\]|''|\\.)*'|\$(\w*)\$.*?\$\3\$|"(?:[^"]|"")*")""",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def redact_secrets(query: str) -> str:
-    """`query` with every literal that follows the word PASSWORD replaced by `'***'`.
-
-    pg_stat_statements records utility statements as sent, so another client's `ALTER ROLE ... PASSWORD`
-    can sit in it; its constants are otherwise replaced by $n placeholders.
-    """
-    return _PASSWORD_LITERAL.sub(lambda match: f"{match.group(1)}'***'", query)
 
 
 def _sqlite(conn: Connection, database: str | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     literal,
     literal_column,
+    or_,
     select,
     true,
     update,
@@ -248,14 +249,29 @@ class TaskRepository:
         return self.list_tasks(user=user, limit=limit, offset=offset)
 
     def list_tasks(
-        self, *, status: str | None = None, user: str | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        status: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        after: str | None = None,
     ) -> list[Task]:
-        """Tasks matching every filter given, newest `created_at` first, ties by uuid."""
+        """Tasks matching every filter given, newest `created_at` first, ties by uuid.
+
+        `after`: the uuid of the last task of the previous page; the page starts right after it, wherever
+        the listing has moved since, and costs the same at any depth (unlike `offset`). A uuid that names
+        no task gives an empty page.
+        """
         conditions: list[ColumnElement[bool]] = []
         if status is not None:
             conditions.append(Task.status == TaskStatus.parse(status).value)
         if user is not None:
             conditions.append(Task.user == Task.check_values({"user": user})["user"])
+        if after is not None:
+            key = canonical_uuid(after)
+            anchor = select(Task.created_at).where(Task.uuid == key).scalar_subquery()
+            conditions.append(or_(Task.created_at < anchor, and_(Task.created_at == anchor, Task.uuid > key)))
         return self._list(and_(true(), *conditions), limit, offset)
 
     def find_previous(

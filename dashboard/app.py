@@ -1,0 +1,108 @@
+"""The dashboard application: pages and JSON API over the tasks table, read-only, behind the access rule."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from importlib.resources import files
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
+
+from dashboard import api, pages
+from dashboard.access import SESSION_COOKIE, Access
+from dashboard.readers import NotFoundError
+from dashboard.source import DatabaseSource
+from dashboard.wiring import DashboardSettings
+from db.connection import describe_driver_error
+from db.errors import DatabaseError
+from db.redaction import redact_secrets
+
+logger = logging.getLogger(__name__)
+
+# Reachable without the token: signing in, the health check, the style sheet.
+OPEN_PATHS = frozenset({"/login", "/healthz", "/static/style.css"})
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or request.url.path in {"/openapi.json", "/healthz"}
+
+
+def _problem(request: Request, status_code: int, title: str, message: str) -> Response:
+    if _wants_json(request):
+        return JSONResponse({"detail": message}, status_code=status_code)
+    return pages.error_page(request, status_code, title, message)
+
+
+def create_app(source: DatabaseSource, access: Access, settings: DashboardSettings | None = None) -> FastAPI:
+    """The app, reading through `source`, admitting requests that `access` accepts."""
+    app = FastAPI(
+        title="Agent tasks",
+        summary="Read-only view of the coding agent's tasks and token usage.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.source = source
+    app.state.access = access
+    app.state.settings = settings if settings is not None else DashboardSettings()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        admitted = path in OPEN_PATHS or access.accepts_headers(
+            request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)
+        )
+        if not admitted:
+            if _wants_json(request):
+                response: Response = JSONResponse(
+                    {"detail": "a token is required: send Authorization: Bearer <DASHBOARD_TOKEN>"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            else:
+                target = path + (f"?{request.url.query}" if request.url.query else "")
+                response = pages.render(request, "login.html", status_code=401, next=target, failed=False)
+        else:
+            response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(request: Request, exc: NotFoundError) -> Response:
+        return _problem(request, 404, "Not found", str(exc))
+
+    @app.exception_handler(DatabaseError)
+    async def database_unavailable(request: Request, exc: DatabaseError) -> Response:
+        return _problem(request, 503, "Database unavailable", redact_secrets(str(exc)))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_failed(request: Request, exc: SQLAlchemyError) -> Response:
+        logger.warning("dashboard: %s failed: %s", request.url.path, redact_secrets(describe_driver_error(exc)))
+        return _problem(request, 503, "Database unavailable", "the database could not answer; try again shortly")
+
+    @app.exception_handler(ValueError)
+    async def bad_parameter(request: Request, exc: ValueError) -> Response:
+        return _problem(request, 400, "Bad request", str(exc))
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Response:
+        connection = source.connection()
+        if not connection.health_check():
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(files("dashboard") / "static")), name="static")
+    return app

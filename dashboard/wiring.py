@@ -1,0 +1,57 @@
+"""What every route receives from the app: its settings, a reader over the database, the time zone asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, cast
+
+from fastapi import Depends, Query, Request
+
+from dashboard.access import Access
+from dashboard.readers import DashboardReader
+from dashboard.source import DatabaseSource
+from db.models import utcnow
+from db.repositories.task_usage import time_zone
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """`zone`: the time zone of pages and of API answers that do not name one. `clock`: "now" (tests fix it)."""
+
+    zone: str = "UTC"
+    refresh_seconds: int = 15
+    clock: Callable[[], datetime] = field(default=utcnow)
+
+    def __post_init__(self) -> None:
+        time_zone(self.zone)
+        if self.refresh_seconds < 1:
+            raise ValueError(f"refresh_seconds must be at least 1, got {self.refresh_seconds}")
+
+
+def settings(request: Request) -> DashboardSettings:
+    return cast(DashboardSettings, request.app.state.settings)
+
+
+def access(request: Request) -> Access:
+    return cast(Access, request.app.state.access)
+
+
+def reader(request: Request) -> DashboardReader:
+    source = cast(DatabaseSource, request.app.state.source)
+    return DashboardReader(source.connection(), settings(request).clock)
+
+
+def _zone(
+    request: Request,
+    tz: Annotated[
+        str | None, Query(max_length=64, description="IANA time zone, e.g. Asia/Tokyo; the dashboard's by default.")
+    ] = None,
+) -> str:
+    zone = tz or settings(request).zone
+    time_zone(zone)
+    return zone
+
+
+Zone = Annotated[str, Depends(_zone)]
