@@ -14,7 +14,7 @@ _PASSWORD_LITERAL = re.compile(
 # `scheme://user:secret@host`: everything between the user's colon and the last `@` before the host.
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^\s/@:]*:)[^\s]*?(@[^\s@]*(?:\s|$))", re.IGNORECASE)
 # `password=secret` in a libpq connection string or a URL's query, unquoted.
-_PASSWORD_VALUE = re.compile(r"(\b(?:ssl)?password\s*=\s*)(?!'\*\*\*')[^\s&;,'\"]+", re.IGNORECASE)
+_PASSWORD_VALUE = re.compile(r"(\b(?:ssl)?password\s*=\s*)(?!'\*\*\*')[^\s&;,()'\"]+", re.IGNORECASE)
 
 
 def redact_secrets(text: str) -> str:
