@@ -9,6 +9,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY db ./db
 COPY context_storage ./context_storage
+COPY dashboard ./dashboard
 RUN pip install --no-cache-dir .
 
 COPY main.py config.yaml alembic.ini ./

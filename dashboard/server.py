@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on `host`:`port` (0: a free port, which the socket then holds)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
+    # every answer on a kept-alive connection waits 40 ms for the browser's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))

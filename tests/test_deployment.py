@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.backup import find_pg_tool
@@ -89,6 +89,8 @@ def initialised_database(cluster_with_statistics: PostgresServer) -> Iterator[di
         "DB_OWNER_PASSWORD": "own'er:p@ss/%",
         "DB_RUNTIME_USER": f"runtime_{suffix}",
         "DB_RUNTIME_PASSWORD": 'run"time p@ss#',
+        "DB_READER_USER": f"reader_{suffix}",
+        "DB_READER_PASSWORD": "read'er p@ss",
     }
     url = cluster_with_statistics.url
     cluster_with_statistics.execute_admin(f"CREATE DATABASE {names['POSTGRES_DB']}")
@@ -110,6 +112,7 @@ def initialised_database(cluster_with_statistics: PostgresServer) -> Iterator[di
         f"DROP DATABASE IF EXISTS {names['POSTGRES_DB']} WITH (FORCE)",
         f"DROP ROLE IF EXISTS {names['DB_OWNER_USER']}",
         f"DROP ROLE IF EXISTS {names['DB_RUNTIME_USER']}",
+        f"DROP ROLE IF EXISTS {names['DB_READER_USER']}",
     )
 
 
@@ -167,6 +170,48 @@ def test_owner_migrates_and_runtime_only_reads_and_writes_rows(
         engine.dispose()
 
 
+def test_the_dashboard_service_reads_as_a_role_that_can_only_read(compose: dict[str, Any]) -> None:
+    dashboard = compose["services"]["dashboard"]
+    assert dashboard["profiles"] == ["dashboard"]
+    assert dashboard["command"][:5] == ["python", "main.py", "serve", "--host", "0.0.0.0"]
+    environment = dashboard["environment"]
+    assert "READER" in environment["DATABASE_USER"] and "READER" in environment["DATABASE_PASSWORD"]
+    assert environment["DASHBOARD_TOKEN"].startswith("${DASHBOARD_TOKEN")
+    assert dashboard["ports"] == ["${DASHBOARD_BIND:-127.0.0.1}:${DASHBOARD_PORT:-8080}:8080"]
+    assert "/healthz" in " ".join(dashboard["healthcheck"]["test"])
+    assert dashboard["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert "DB_READER_PASSWORD" in compose["services"]["postgres"]["environment"]
+
+
+def test_the_reader_role_reads_the_tables_and_nothing_else(
+    cluster_with_statistics: PostgresServer, initialised_database: dict[str, str]
+) -> None:
+    owner = DatabaseConnection.initialize(_config(cluster_with_statistics, initialised_database, "OWNER"))
+    upgrade_schema(owner)
+    TaskRepository(owner).create(task_data(user="reader-test"))
+    DatabaseConnection.reset()
+
+    reader = DatabaseConnection.initialize(_config(cluster_with_statistics, initialised_database, "READER"))
+    assert schema_state(reader).at_head
+    assert [task.user for task in TaskRepository(reader).list_tasks()] == ["reader-test"]
+    engine = create_engine(reader.config.sqlalchemy_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW default_transaction_read_only").scalar_one() == "on"
+        for statement in (
+            "INSERT INTO tasks (uuid, task_source, owner, repo, task_type, task_id) "
+            "VALUES (gen_random_uuid(), 'g', 'o', 'r', 't', '1')",
+            "UPDATE tasks SET total_tokens = 1",
+            "DELETE FROM tasks",
+            "UPDATE alembic_version SET version_num = '0001'",
+            "CREATE TABLE intruder (id int)",
+        ):
+            with pytest.raises(DBAPIError, match=r"permission denied|read-only transaction"), engine.begin() as conn:
+                conn.execute(text(f"SET TRANSACTION READ WRITE; {statement}"))
+    finally:
+        engine.dispose()
+
+
 def test_role_passwords_stay_out_of_the_statement_statistics(
     cluster_with_statistics: PostgresServer, initialised_database: dict[str, str]
 ) -> None:
@@ -181,5 +226,9 @@ def test_role_passwords_stay_out_of_the_statement_statistics(
     finally:
         engine.dispose()
     assert queries
-    for secret in (initialised_database["DB_OWNER_PASSWORD"], initialised_database["DB_RUNTIME_PASSWORD"]):
+    for secret in (
+        initialised_database["DB_OWNER_PASSWORD"],
+        initialised_database["DB_RUNTIME_PASSWORD"],
+        initialised_database["DB_READER_PASSWORD"],
+    ):
         assert all(secret not in query for query in queries)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs once, when the postgres container initialises an empty data directory, as POSTGRES_USER on
-# POSTGRES_DB. Creates the owner role (migrations: may create, alter and drop) and the runtime role (agents:
-# may read and write rows, may not create, alter or drop anything). Passwords are read by psql's \getenv,
-# so they never appear on a command line.
+# POSTGRES_DB. Creates the owner role (migrations: may create, alter and drop), the runtime role (agents:
+# may read and write rows, may not create, alter or drop anything) and, when DB_READER_PASSWORD is set, the
+# reader role (the dashboard: may only read). Passwords are read by psql's \getenv, so they never appear on
+# a command line.
 set -euo pipefail
 : "${POSTGRES_USER:?}" "${POSTGRES_DB:?}" "${DB_OWNER_PASSWORD:?}" "${DB_RUNTIME_PASSWORD:?}"
 export DB_OWNER_USER="${DB_OWNER_USER:-agent_owner}" DB_RUNTIME_USER="${DB_RUNTIME_USER:-agent_runtime}"
+export DB_READER_USER="${DB_READER_USER:-agent_reader}"
 
 psql --no-psqlrc -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" <<'SQL'
 \getenv db POSTGRES_DB
@@ -55,3 +57,24 @@ ALTER ROLE :"runtime" SET lock_timeout = '5s';
 GRANT pg_read_all_stats TO :"owner";
 CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
 SQL
+
+# The dashboard's role: reads the tables, nothing else, in transactions that are read-only by default.
+if [ -n "${DB_READER_PASSWORD:-}" ]; then
+    psql --no-psqlrc -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" <<'SQL'
+\getenv db POSTGRES_DB
+\getenv owner DB_OWNER_USER
+\getenv reader DB_READER_USER
+\getenv reader_password DB_READER_PASSWORD
+SET pg_stat_statements.track_utility = off;
+SET log_statement = 'none';
+SET log_min_duration_statement = -1;
+
+CREATE ROLE :"reader" LOGIN PASSWORD :'reader_password' NOSUPERUSER NOCREATEDB NOCREATEROLE;
+GRANT CONNECT ON DATABASE :"db" TO :"reader";
+GRANT USAGE ON SCHEMA public TO :"reader";
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO :"reader";
+ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public GRANT SELECT ON TABLES TO :"reader";
+ALTER ROLE :"reader" SET default_transaction_read_only = on;
+ALTER ROLE :"reader" SET statement_timeout = '30s';
+SQL
+fi
