@@ -569,7 +569,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dashboard.server import bind, serve, url_of  # noqa: PLC0415
 
     access = Access.for_bind(args.host, os.environ)
-    settings = DashboardSettings(zone=args.tz, refresh_seconds=args.refresh)
+    settings = DashboardSettings(zone=args.tz, refresh_seconds=args.refresh, sums_max_age=args.usage_cache)
     source = DatabaseSource(lambda: _read(args, wait=False))
     sock = bind(args.host, args.port)
     with contextlib.suppress(DatabaseError):
@@ -595,6 +595,14 @@ def _add_serve_command(tree: _CommandTree) -> None:
     server.add_argument("--tz", default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)")
     server.add_argument(
         "--refresh", type=_integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"
+    )
+    server.add_argument(
+        "--usage-cache",
+        type=_integer_in(0, 3600),
+        default=30,
+        metavar="SECONDS",
+        help="token sums over every task are computed at most this often, in the background (default 30; 0: "
+        "at every request)",
     )
 
 

@@ -70,6 +70,7 @@ class UserUsageOut(BaseModel):
 
 class UsageSummaryOut(BaseModel):
     zone: str
+    as_of: datetime = Field(description="When these sums were computed; they are reused for `--usage-cache` seconds.")
     users: list[UserUsageOut] = Field(description="Every user, the month's largest first.")
     top_users: list[UserUsageOut] = Field(description="The users with the most tokens this month.")
 
@@ -129,7 +130,7 @@ def usage_summary(
     top: Annotated[int, Query(ge=1, le=100, description="How many top users.")] = 10,
 ) -> dict[str, Any]:
     usage = tasks.usage(zone, top)
-    return {"zone": usage.zone, "users": usage.users, "top_users": usage.top_users}
+    return {"zone": usage.zone, "as_of": usage.as_of, "users": usage.users, "top_users": usage.top_users}
 
 
 @router.get("/token-usage/{user}", response_model=UserUsageOut, responses=ERRORS, summary="One user's tokens by period")

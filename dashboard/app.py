@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from importlib.resources import files
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,7 +16,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard import api, pages
 from dashboard.access import SESSION_COOKIE, Access
-from dashboard.readers import NotFoundError
+from dashboard.readers import DEFAULT_DAYS, TOP_USERS, DashboardReader, NotFoundError
+from dashboard.refreshing import RefreshingValues
 from dashboard.source import DatabaseSource
 from dashboard.wiring import DashboardSettings
 from db.connection import describe_driver_error
@@ -46,16 +50,27 @@ def _problem(request: Request, status_code: int, title: str, message: str) -> Re
 
 def create_app(source: DatabaseSource, access: Access, settings: DashboardSettings | None = None) -> FastAPI:
     """The app, reading through `source`, admitting requests that `access` accepts."""
+    chosen = settings if settings is not None else DashboardSettings()
+    sums: RefreshingValues[Any] = RefreshingValues(chosen.sums_max_age)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if chosen.sums_max_age:
+            threading.Thread(target=_warm, args=(source, chosen, sums), daemon=True, name="dashboard-warm").start()
+        yield
+
     app = FastAPI(
         title="Agent tasks",
         summary="Read-only view of the coding agent's tasks and token usage.",
         version="1",
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
     app.state.source = source
     app.state.access = access
-    app.state.settings = settings if settings is not None else DashboardSettings()
+    app.state.settings = chosen
+    app.state.sums = sums
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -106,3 +121,13 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(files("dashboard") / "static")), name="static")
     return app
+
+
+def _warm(source: DatabaseSource, settings: DashboardSettings, sums: RefreshingValues[Any]) -> None:
+    """Compute the usage page's sums before the first viewer asks for them."""
+    try:
+        reader = DashboardReader(source.connection(), settings.clock, sums)
+        reader.usage(settings.zone, TOP_USERS)
+        reader.history(None, DEFAULT_DAYS, settings.zone)
+    except Exception as exc:  # the first viewer computes them instead
+        logger.info("dashboard: sums not computed ahead: %s", type(exc).__name__)

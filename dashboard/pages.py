@@ -13,7 +13,7 @@ from jinja2.runtime import Context
 
 from dashboard.access import SESSION_COOKIE, Access
 from dashboard.chart import bar_chart
-from dashboard.readers import ALL_STATUSES, RUNNING_SHOWN, DashboardReader, task_record
+from dashboard.readers import ALL_STATUSES, DEFAULT_DAYS, RUNNING_SHOWN, TOP_USERS, DashboardReader, task_record
 from dashboard.wiring import DashboardSettings, Zone, access, reader, settings
 from db.models import COUNTER_COLUMNS, Task, TaskStatus
 from db.redaction import redact_secrets
@@ -22,7 +22,6 @@ from db.repositories.task_usage import MAX_DAYS, time_zone
 router = APIRouter(include_in_schema=False)
 
 PAGE_SIZE = 50
-DEFAULT_DAYS = 30
 MAX_FORM_BYTES = 4096
 COMMON_ZONES = (
     "UTC",
@@ -157,7 +156,8 @@ def usage(request: Request, tasks: Reader, zone: Zone, user: str = "", days: str
         days=day_count,
         max_days=MAX_DAYS,
         common_zones=COMMON_ZONES,
-        usage=tasks.usage(zone, 10),
+        usage=tasks.usage(zone, TOP_USERS),
+        sums_max_age=request.app.state.settings.sums_max_age,
         chart=bar_chart(history.days, title=title),
     )
 

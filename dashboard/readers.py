@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+from dashboard.refreshing import RefreshingValues
 from db.connection import DatabaseConnection
 from db.models import Task, TaskStatus
 from db.models.types import canonical_uuid
@@ -21,6 +22,8 @@ TASK_COLUMNS = tuple(column.key for column in Task.__table__.columns)
 RUNNING_SHOWN = 50
 FAILURES_SHOWN = 10
 EARLIER_RUNS_SHOWN = 50
+DEFAULT_DAYS = 30
+TOP_USERS = 10
 ALL_STATUSES = tuple(status.value for status in TaskStatus)
 
 
@@ -66,6 +69,7 @@ class UsageView:
     zone: str
     users: list[dict[str, Any]]
     top_users: list[dict[str, Any]]
+    as_of: datetime
 
 
 @dataclass(frozen=True)
@@ -73,15 +77,19 @@ class History:
     user: str | None
     zone: str
     days: list[tuple[date, int]]
+    as_of: datetime
 
 
 class DashboardReader:
     """The dashboard's questions, each answered by the repository or the usage query."""
 
-    def __init__(self, connection: DatabaseConnection, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, connection: DatabaseConnection, clock: Callable[[], datetime], sums: RefreshingValues[Any]
+    ) -> None:
         self._tasks = TaskRepository(connection)
         self._usage = TaskUsageQuery(connection)
         self._clock = clock
+        self._sums = sums
 
     def overview(self) -> Overview:
         return Overview(
@@ -122,10 +130,18 @@ class DashboardReader:
         return [run for run in runs if run.uuid != task.uuid and run.created_at <= task.created_at]
 
     def usage(self, zone: str, top: int) -> UsageView:
+        """Every user's sums (a scan of the whole table, so taken from `sums` while fresh enough)."""
         time_zone(zone)
-        users = self._usage.per_user(zone=zone, now=self._clock())
+
+        def compute() -> tuple[datetime, list[UserUsage]]:
+            now = self._clock()
+            return now, self._usage.per_user(zone=zone, now=now)
+
+        (as_of, users), _ = self._sums.get(("per_user", zone), compute)
         top_users = [usage for usage in users if usage.month > 0][:top]
-        return UsageView(zone, [usage_record(usage) for usage in users], [usage_record(usage) for usage in top_users])
+        return UsageView(
+            zone, [usage_record(usage) for usage in users], [usage_record(usage) for usage in top_users], as_of
+        )
 
     def user_usage(self, user: str, zone: str) -> dict[str, Any]:
         found = self._usage.per_user(zone=zone, now=self._clock(), user=user)
@@ -137,5 +153,14 @@ class DashboardReader:
         """Tokens per day, oldest first; one user's, or everyone's when `user` is None."""
         if user is not None and not self._tasks.list_tasks(user=user, limit=1):
             raise NotFoundError(f"no tasks of user {user!r}")
-        daily = self._usage.daily(days=days, zone=zone, now=self._clock(), user=user)
-        return History(user, zone, [(point.day, point.tokens) for point in daily])
+
+        def compute() -> tuple[datetime, list[tuple[date, int]]]:
+            now = self._clock()
+            daily = self._usage.daily(days=days, zone=zone, now=now, user=user)
+            return now, [(point.day, point.tokens) for point in daily]
+
+        if user is not None:  # one user's tasks, found by index: always computed afresh
+            as_of, points = compute()
+        else:
+            (as_of, points), _ = self._sums.get(("daily", days, zone), compute)
+        return History(user, zone, points, as_of)

@@ -5,29 +5,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Query, Request
 
 from dashboard.access import Access
 from dashboard.readers import DashboardReader
+from dashboard.refreshing import RefreshingValues
 from dashboard.source import DatabaseSource
 from db.models import utcnow
 from db.repositories.task_usage import time_zone
 
+MAX_SUMS_AGE = 3600
+
 
 @dataclass(frozen=True)
 class DashboardSettings:
-    """`zone`: the time zone of pages and of API answers that do not name one. `clock`: "now" (tests fix it)."""
+    """`zone`: the time zone of pages and of API answers that do not name one. `sums_max_age`: seconds for
+    which sums over the whole table are reused (0: computed at every request). `clock`: "now" (tests fix it)."""
 
     zone: str = "UTC"
     refresh_seconds: int = 15
+    sums_max_age: float = 0.0
     clock: Callable[[], datetime] = field(default=utcnow)
 
     def __post_init__(self) -> None:
         time_zone(self.zone)
         if self.refresh_seconds < 1:
             raise ValueError(f"refresh_seconds must be at least 1, got {self.refresh_seconds}")
+        if not 0 <= self.sums_max_age <= MAX_SUMS_AGE:
+            raise ValueError(f"sums_max_age must be 0..{MAX_SUMS_AGE} seconds, got {self.sums_max_age}")
 
 
 def settings(request: Request) -> DashboardSettings:
@@ -40,7 +47,8 @@ def access(request: Request) -> Access:
 
 def reader(request: Request) -> DashboardReader:
     source = cast(DatabaseSource, request.app.state.source)
-    return DashboardReader(source.connection(), settings(request).clock)
+    sums = cast(RefreshingValues[Any], request.app.state.sums)
+    return DashboardReader(source.connection(), settings(request).clock, sums)
 
 
 def _zone(

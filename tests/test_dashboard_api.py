@@ -45,8 +45,10 @@ def reader(connection: DatabaseConnection, db_config: DatabaseConfig) -> Iterato
     own.dispose()
 
 
-def client_for(reader: DatabaseConnection, access: Access | None = None, zone: str = "UTC") -> TestClient:
-    settings = DashboardSettings(zone=zone, clock=lambda: NOW)
+def client_for(
+    reader: DatabaseConnection, access: Access | None = None, zone: str = "UTC", sums_max_age: float = 0
+) -> TestClient:
+    settings = DashboardSettings(zone=zone, clock=lambda: NOW, sums_max_age=sums_max_age)
     app = create_app(DatabaseSource(lambda: reader), access or Access(), settings)
     return TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=True)
 
@@ -181,6 +183,7 @@ def test_token_usage_in_a_chosen_zone_matches_sums_made_by_hand(
     nobody = {"user": None, "today": 11, "this_week": 11, "this_month": 11, "total": 11}
     assert ok(client, "/api/token-usage/summary", params=tokyo) == {
         "zone": "Asia/Tokyo",
+        "as_of": "2026-11-25T03:00:00Z",
         "users": [alice, nobody, bob],
         "top_users": [alice, nobody, bob],
     }
@@ -484,3 +487,22 @@ def test_the_listening_socket_lets_asyncio_turn_off_nagle() -> None:
     with contextlib.closing(bind("127.0.0.1", 0)) as sock:
         assert sock.proto == socket.IPPROTO_TCP
         assert url_of(sock) == f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+
+def test_sums_over_every_task_are_reused_for_their_max_age_only(
+    reader: DatabaseConnection, make_task: Callable[..., Task]
+) -> None:
+    make_task(user="frank", created_at=NOW - timedelta(hours=1), total_tokens=10)
+    cached, fresh = client_for(reader, sums_max_age=600), client_for(reader)
+    with cached:
+        assert ok(cached, "/api/token-usage/summary")["users"][0]["total"] == 10
+        assert re.findall(r'data-tokens="(\d+)"', cached.get("/usage").text)[-1] == "10"
+        make_task(user="frank", created_at=NOW - timedelta(hours=1), total_tokens=5)
+        assert ok(cached, "/api/token-usage/summary")["users"][0]["total"] == 10
+        assert ok(cached, "/api/token-usage/frank")["total"] == 15  # one user's sums: always afresh
+        days = ok(cached, "/api/token-usage/frank/history", params={"days": 1})["days"]
+        assert days == [{"date": "2026-11-25", "tokens": 15}]
+        assert re.findall(r'data-tokens="(\d+)"', cached.get("/usage").text)[-1] == "10"
+        assert "they are computed again at most every 600 s" in cached.get("/usage").text
+    assert ok(fresh, "/api/token-usage/summary")["users"][0]["total"] == 15
+    assert re.findall(r'data-tokens="(\d+)"', fresh.get("/usage", params={"days": 1}).text) == ["15"]

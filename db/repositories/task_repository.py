@@ -271,7 +271,8 @@ class TaskRepository:
         if after is not None:
             key = canonical_uuid(after)
             anchor = select(Task.created_at).where(Task.uuid == key).scalar_subquery()
-            conditions.append(or_(Task.created_at < anchor, and_(Task.created_at == anchor, Task.uuid > key)))
+            # The first condition alone bounds the index range; the second drops the anchor's ties up to it.
+            conditions += [Task.created_at <= anchor, or_(Task.created_at < anchor, Task.uuid > key)]
         return self._list(and_(true(), *conditions), limit, offset)
 
     def find_previous(
