@@ -3,7 +3,9 @@
 Fills each database with N tasks (1,000,000 by default) over a year: 200 users, 5% failed, 5% stopped,
 50 running. Starts `python main.py serve` on it and requests every page and API answer `--repeat` times
 over one keep-alive connection, then prints p50 and p95 per path, and beside them the raw driver's time for
-the SQL statements that answer needs at least (the same run, the same database). Asserts nothing.
+the SQL statements that answer needs at least (the same run, the same database). The paths that show token
+sums over every task are timed twice: as served (the sums reused for 30 s, recomputed in the background)
+and with that cache off. Asserts nothing.
 
     .venv/bin/python -m bench.dashboard [--rows 1000000] [--repeat 40] [--backends sqlite,postgresql]
 """
@@ -95,7 +97,7 @@ def _baseline(since: str, day: str, mark: str) -> dict[str, list[str]]:
         "/tasks": [LIST.format("true")],
         "/tasks?status=failed&user=user7": [LIST.format("status = 'failed' AND \"user\" = 'user7'")],
         "/tasks?after={anchor}": [one, deep],
-        "/tasks/{task}": [one, one],
+        "/tasks/{task}": [one, LIST.format("owner = 'acme' AND repo = 'web' AND task_id = '7'")],
         "/usage": [per_user, daily_all],
         "/usage?user=user7": [per_user, daily_one],
         "/api/tasks?limit=50": [LIST.format("true")],
@@ -114,9 +116,9 @@ def percentile(samples: list[float], share: float) -> float:
 
 
 @contextmanager
-def dashboard(config_file: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+def dashboard(config_file: Path, env: dict[str, str], cache: int) -> Iterator[tuple[str, int]]:
     server = subprocess.Popen(
-        [sys.executable, str(MAIN), "--config", str(config_file), "serve", "--port", "0"],
+        [sys.executable, str(MAIN), "--config", str(config_file), "serve", "--port", "0", "--usage-cache", str(cache)],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -174,6 +176,21 @@ def report(title: str, timings: dict[str, list[float]], raw: dict[str, list[floa
     print(f"slowest p95: {worst:.1f} ms")
 
 
+def measure(
+    title: str, config_file: Path, env: dict[str, str], paths: list[str], raw: dict[str, list[float]], repeat: int
+) -> None:
+    """Every path as served (whole-table sums from the default 30 s cache, computed in the background), then
+    the paths that show such sums with the cache off: what computing them costs a viewer who must wait."""
+    with dashboard(config_file, env, 30) as (host, port):
+        time.sleep(5)  # the start-up computation of the default sums
+        served = time_paths(host, port, paths, repeat)
+    report(f"{title}, {repeat} requests per path, as served (--usage-cache 30)", served, raw)
+    summing = [path for path in paths if path.startswith(("/usage", "/api/token-usage/summary"))]
+    with dashboard(config_file, env, 0) as (host, port):
+        uncached = time_paths(host, port, summing, max(5, repeat // 4))
+    report(f"{title}, the same sums computed at every request (--usage-cache 0)", uncached, raw)
+
+
 def run_sqlite(rows: int, repeat: int, workdir: Path, env: dict[str, str]) -> None:
     config_file = workdir / "sqlite.yaml"
     config_file.write_text(f'context_storage:\n  base_dir: "{workdir}"\n', encoding="utf-8")
@@ -194,10 +211,8 @@ def run_sqlite(rows: int, repeat: int, workdir: Path, env: dict[str, str]) -> No
         raw.execute(statement, params).fetchall()
 
     paths, raw_times = _both(baseline, anchor, task, execute, repeat)
-    with dashboard(config_file, env) as (host, port):
-        timings = time_paths(host, port, paths, repeat)
     raw.close()
-    report(f"SQLite file, {rows:,} tasks, {repeat} requests per path", timings, raw_times)
+    measure(f"SQLite file, {rows:,} tasks", config_file, env, paths, raw_times, repeat)
 
 
 def run_postgres(rows: int, repeat: int, workdir: Path, env: dict[str, str]) -> None:
@@ -229,10 +244,9 @@ def run_postgres(rows: int, repeat: int, workdir: Path, env: dict[str, str]) -> 
         paths, raw_times = _both(postgres_baseline(), anchor, task, execute, repeat)
         config_file = workdir / "postgres.yaml"
         config_file.write_text(f'context_storage:\n  base_dir: "{workdir}"\n', encoding="utf-8")
-        with dashboard(config_file, {**env, "DATABASE_URL": url.render_as_string(hide_password=False)}) as (host, port):
-            timings = time_paths(host, port, paths, repeat)
         raw.close()
-        report(f"PostgreSQL 15, {rows:,} tasks, {repeat} requests per path", timings, raw_times)
+        env = {**env, "DATABASE_URL": url.render_as_string(hide_password=False)}
+        measure(f"PostgreSQL 15, {rows:,} tasks", config_file, env, paths, raw_times, repeat)
     finally:
         server.stop()
 
