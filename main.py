@@ -570,7 +570,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     access = Access.for_bind(args.host, os.environ)
     settings = DashboardSettings(zone=args.tz, refresh_seconds=args.refresh, sums_max_age=args.usage_cache)
-    source = DatabaseSource(lambda: _read(args, wait=False))
+    config = DatabaseConfig.load(args.config)
+    on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
+    sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
+    source = DatabaseSource(lambda: _read(args, wait=False), empty_until_created=sqlite_file)
     sock = bind(args.host, args.port)
     with contextlib.suppress(DatabaseError):
         # Opened now to report a problem at once (the source logs it); the pages show it until it is fixed.

@@ -85,6 +85,7 @@ def render(request: Request, name: str, *, status_code: int = 200, **context: An
     rule: Access = request.app.state.access
     page_settings: DashboardSettings = request.app.state.settings
     context.setdefault("zone", page_settings.zone)
+    context.setdefault("notice", request.app.state.source.notice)
     context.setdefault("section", "")
     html = templates.get_template(name).render(signed_in=rule.required, **context)
     return HTMLResponse(html, status_code=status_code)

@@ -506,3 +506,25 @@ def test_sums_over_every_task_are_reused_for_their_max_age_only(
         assert "they are computed again at most every 600 s" in cached.get("/usage").text
     assert ok(fresh, "/api/token-usage/summary")["users"][0]["total"] == 15
     assert re.findall(r'data-tokens="(\d+)"', fresh.get("/usage", params={"days": 1}).text) == ["15"]
+
+
+def test_before_the_agent_first_runs_the_pages_show_an_empty_table(tmp_path: Path) -> None:
+    path = tmp_path / "contexts" / "tasks.db"
+    config = DatabaseConfig(sqlite_path=str(path))
+    source = DatabaseSource(lambda: DatabaseConnection(config, read_only=True), retry_after=0, empty_until_created=path)
+    client = TestClient(create_app(source, Access(), DashboardSettings(clock=lambda: NOW)))
+    overview = client.get("/")
+    assert overview.status_code == 200
+    assert f"No database at {path} yet" in overview.text
+    assert re.findall(r'<span class="number">(\d+)</span>', overview.text) == ["0", "0", "0", "0"]
+    assert ok(client, "/api/tasks") == {"tasks": [], "next_after": None}
+    assert not path.parent.exists()  # nothing created on disk
+
+    writer = DatabaseConnection(config)
+    writer.create_tables()
+    TaskRepository(writer).create(task_data(status="running", user="gina"))
+    try:
+        shown = client.get("/").text
+        assert "gina" in shown and "No database at" not in shown
+    finally:
+        writer.dispose()
