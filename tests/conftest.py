@@ -34,7 +34,15 @@ def _running_postgres(*, need_cluster: bool) -> Iterator[PostgresServer]:
 
 
 POSTGRES_FIXTURES = frozenset(
-    {"postgres_server", "postgres_url", "own_cluster", "ssl_server", "cluster_with_statistics", "scratch_database"}
+    {
+        "postgres_server",
+        "postgres_url",
+        "own_cluster",
+        "ssl_server",
+        "cluster_with_statistics",
+        "scratch_database",
+        "bouncer",
+    }
 )
 
 
