@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from db import DatabaseConfig, DatabaseConfigError, PoolConfig
-from db.config import SETTINGS
+from db.config import SETTINGS, load_base_dir
 
 SECRET = "p@ss:w/rd%#?&= ü"
 
@@ -279,9 +279,37 @@ def test_unreadable_yaml_is_a_config_error(tmp_path: Path, content: str, problem
         DatabaseConfig.load(tmp_path / "missing.yaml", env={})
 
 
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        ("database:\n  type: sqlite\n  url: x: y\n", " at line 3, column 9: mapping values are not allowed here"),
+        ("database:\n  type: sqlite\n   name: x\n", " at line 3, column 8: mapping values are not allowed here"),
+        ('database:\n  postgresql:\n    password: "hunter2\n', " at line 4, column 1: found unexpected end of stream"),
+        # PyYAML quotes the offending character in this problem's text: only the position is given.
+        ("database:\n\tpassword: hunter2\n", " at line 2, column 1"),
+    ],
+)
+def test_a_yaml_error_says_exactly_where_and_what_but_never_the_line(tmp_path: Path, content: str, where: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load(path, env={})
+    assert str(raised.value) == f"{path}: not valid YAML{where}"
+
+
 def test_config_is_frozen_and_compares_by_value() -> None:
     first = DatabaseConfig.load({}, env={"DATABASE_PORT": "5433"})
     second = DatabaseConfig.load(nested(postgresql={"port": 5433}), env={})
     assert first == second
     with pytest.raises(AttributeError):
         first.port = 1  # type: ignore[misc]
+
+
+def test_the_context_base_dir_comes_from_the_yaml_or_the_default(tmp_path: Path) -> None:
+    assert load_base_dir({"context_storage": {"base_dir": "/srv/agent"}}) == Path("/srv/agent")
+    assert load_base_dir({"context_storage": {"base_dir": ""}}) == Path("contexts")
+    assert load_base_dir({}) == Path("contexts")
+    path = tmp_path / "agent.yaml"
+    path.write_text("context_storage:\n  base_dir: work/tasks\n", encoding="utf-8")
+    assert load_base_dir(path) == Path("work/tasks")
+    assert load_base_dir(str(path)) == Path("work/tasks")

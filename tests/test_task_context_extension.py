@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.jsonl_log import JsonlLog
+from db import TaskRepository
 from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
 
 KEY = GitHubIssueTaskKey("acme", "web", 77)
@@ -101,3 +103,55 @@ def test_every_earlier_run_has_its_files_where_inheritance_looks(agent_config: d
     assert current.previous_runs(expiry_days=30, statuses=("failed",))[0].task.error_message is not None
     assert current.previous_runs(expiry_days=0) == []
     current.complete()
+
+
+def test_earlier_runs_are_bounded_by_limit_and_expiry_and_never_include_this_run(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    current = TaskContextManager(KEY, str(uuid.uuid4()), agent_config)
+    repository = TaskRepository()
+    now = datetime.now(UTC)
+    fields = {"task_source": "github", "owner": "acme", "repo": "web", "task_type": "issue", "task_id": "77"}
+    completed = [
+        repository.create(
+            {**fields, "uuid": str(uuid.uuid4()), "status": "completed", "completed_at": now - timedelta(days=days)}
+        ).uuid
+        for days in range(1, 12)
+    ]
+    ancient = repository.create(
+        {**fields, "uuid": str(uuid.uuid4()), "status": "completed", "completed_at": now - timedelta(days=400)}
+    ).uuid
+    running = [
+        repository.create(
+            {**fields, "uuid": str(uuid.uuid4()), "status": "running", "created_at": now - timedelta(hours=hours)}
+        ).uuid
+        for hours in (1, 2, 3)
+    ]
+    assert [run.task.uuid for run in current.previous_runs()] == completed[:10]  # ten by default
+    assert [run.task.uuid for run in current.previous_runs(limit=20)] == [*completed, ancient]  # no expiry
+    assert [run.task.uuid for run in current.previous_runs(expiry_days=5.5)] == completed[:5]
+    # This run is the newest running one: it is skipped and the limit still counts the others.
+    assert [run.task.uuid for run in current.previous_runs(statuses=("running",), limit=2)] == running[:2]
+    assert all(run.context_dir is None for run in current.previous_runs(statuses=("running",)))
+    current.complete()
+
+
+def test_earlier_runs_while_the_database_is_down_are_none_and_say_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refused_port: int
+) -> None:
+    config = {
+        "context_storage": {"base_dir": str(tmp_path / "contexts")},
+        "llm": LLM,
+        "database": {
+            "type": "postgresql",
+            "postgresql": {"host": "127.0.0.1", "port": refused_port},
+            "startup_timeout": 0,
+        },
+    }
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, config)
+    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+        assert manager.previous_runs() == []
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[-1] == f"earlier runs of task {key} not looked up: the database is unavailable"
+    assert sum("earlier runs" in message for message in messages) == 1

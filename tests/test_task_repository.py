@@ -310,3 +310,61 @@ def test_many_processes_add_to_one_task_exactly(
         3 * total,
         total,
     )
+
+
+def test_guarded_increments_apply_once_and_say_why_they_did_not(
+    repo: TaskRepository, make_task: Callable[..., Task], caplog: pytest.LogCaptureFixture
+) -> None:
+    task = make_task()
+    stamp = task.updated_at
+    assert repo.update_statistics(task.uuid, llm_calls=1, if_updated_at=stamp) is True
+    with caplog.at_level(logging.DEBUG, logger="db.repositories.task_repository"):
+        assert repo.update_statistics(task.uuid, llm_calls=1, if_updated_at=stamp) is False
+    assert f"update_statistics: task {task.uuid} changed since {stamp}; nothing added" in [
+        record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG
+    ]
+    stored = repo.get_by_uuid(task.uuid)
+    assert stored is not None and stored.llm_call_count == 1
+    assert repo.update_statistics(task.uuid, tokens=7, if_updated_at=stored.updated_at) is True
+
+
+def test_a_counter_may_reach_int_max_and_not_pass_it(repo: TaskRepository, make_task: Callable[..., Task]) -> None:
+    task = make_task()
+    assert repo.update_statistics(task.uuid, tokens=INT_MAX) is True
+    with pytest.raises(ValueError, match=f"the increments would take a counter of task {task.uuid} past {INT_MAX}"):
+        repo.update_statistics(task.uuid, tokens=1)
+    with pytest.raises(ValueError, match=rf"tokens increment must be an integer in 0..{INT_MAX}, got {INT_MAX + 1}"):
+        repo.update_statistics(task.uuid, tokens=INT_MAX + 1)
+
+
+def test_earlier_runs_default_limit_order_and_since_boundary(repo: TaskRepository) -> None:
+    fields = {"owner": "acme", "repo": "web", "task_type": "issue", "task_id": "5"}
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    # Created in one order, completed in the reverse one: the newest completion comes first.
+    made = [
+        repo.create(
+            task_data(
+                **fields,
+                status="completed",
+                created_at=start + timedelta(hours=index),
+                completed_at=start + timedelta(days=30 - index),
+            )
+        )
+        for index in range(11)
+    ]
+    runs = repo.find_previous(task_source="github", **fields)
+    assert [run.uuid for run in runs] == [task.uuid for task in made[:10]]
+    since = made[3].completed_at
+    assert since is not None
+    assert [run.uuid for run in repo.find_previous(task_source="github", **fields, since=since)] == [
+        task.uuid for task in made[:4]
+    ]
+    with pytest.raises(ValueError, match=r"^give either a task key or task fields, not both$"):
+        repo.find_previous(_Key(), owner="acme")
+    with pytest.raises(ValueError, match=r"^statuses must be a non-empty sequence of task statuses$"):
+        repo.find_previous(task_source="github", **fields, statuses=())
+
+
+class _Key:
+    def task_fields(self) -> dict[str, str]:
+        return {"task_source": "github", "owner": "acme", "repo": "web", "task_type": "issue", "task_id": "5"}

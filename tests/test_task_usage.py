@@ -15,7 +15,8 @@ from sqlalchemy import event
 
 from context_storage import GitHubIssueTaskKey, GitHubPullRequestTaskKey, GitLabMergeRequestTaskKey
 from db import DatabaseConfig, DatabaseConnection, TaskRepository, TaskUsageQuery
-from db.repositories.task_usage import Periods, time_zone
+from db.errors import DatabaseError
+from db.repositories.task_usage import MAX_DAYS, Periods, time_zone
 from db.schema import upgrade_schema
 from tests.conftest import task_data
 from tests.legacy_db import write_legacy_db
@@ -266,3 +267,67 @@ def test_cli_usage_and_history(tmp_path: Path) -> None:
     assert "acme/web#42" in run(tmp_path, "tasks", "history", "acme/web#42").stdout
     bad = run(tmp_path, "tasks", "history", "acme#42")
     assert bad.returncode == 1 and "OWNER/REPO#NUMBER" in bad.stderr
+
+
+def test_usage_defaults_and_edges(repo: TaskRepository, connection: DatabaseConnection) -> None:
+    query = TaskUsageQuery(connection)
+    now = datetime.now(UTC)
+    for index in range(11):
+        repo.create(task_data(user=f"user{index:02}", created_at=now, total_tokens=100 + index))
+    zero = now - timedelta(days=2)
+    repo.create(task_data(user="idle", created_at=zero, total_tokens=0))
+    daily = query.daily()  # 30 days of UTC, today last
+    assert len(daily) == 30 and daily[-1].day == now.date() and daily[-1].tokens == sum(range(100, 111))
+    assert [entry.tokens for entry in query.daily(days=3, user="idle")] == [0, 0, 0]
+    assert len(query.daily(days=MAX_DAYS)) == MAX_DAYS
+    for bad in (True, MAX_DAYS + 1, 1.5):
+        with pytest.raises(ValueError, match=f"days must be an integer in 1..{MAX_DAYS}"):
+            query.daily(days=bad)  # type: ignore[arg-type]
+    assert {usage.user: usage.today for usage in query.per_user()}["user10"] == 110
+    top = query.top_users()
+    assert [usage.user for usage in top] == [f"user{index:02}" for index in range(10, 0, -1)]  # ten by default
+    for bad in (0, True, "3"):
+        with pytest.raises(ValueError, match="limit must be a positive integer"):
+            query.top_users(limit=bad)  # type: ignore[arg-type]
+
+
+def test_the_start_of_the_first_day_counts_and_zones_come_from_the_caller(
+    repo: TaskRepository, connection: DatabaseConnection
+) -> None:
+    query = TaskUsageQuery(connection)
+    first_day_start = datetime(2025, 12, 7, 15, 0, tzinfo=UTC)  # 8 Dec 00:00 in Tokyo
+    repo.create(task_data(user="kai", created_at=first_day_start, total_tokens=3))
+    repo.create(task_data(user="kai", created_at=first_day_start - timedelta(microseconds=1), total_tokens=5))
+    daily = query.daily(days=3, zone=ZoneInfo("Asia/Tokyo"), now=NOW, user="kai")
+    assert [(entry.day, entry.tokens) for entry in daily] == [
+        (date(2025, 12, 8), 3),
+        (date(2025, 12, 9), 0),
+        (date(2025, 12, 10), 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "operation"),
+    [
+        (lambda query, _repo: query.daily(), "daily usage"),
+        (lambda query, _repo: query.per_user(), "usage"),
+        (lambda _query, repo: repo.count_by_status(), "count tasks"),
+        (lambda _query, repo: repo.list_tasks(), "list tasks"),
+        (lambda _query, repo: repo.get_by_uuid(str(uuid.uuid4())), "get task"),
+        (lambda _query, repo: repo.update(str(uuid.uuid4()), {"model": "m"}), "update task"),
+        (lambda _query, repo: repo.delete(str(uuid.uuid4())), "delete task"),
+        (lambda _query, repo: repo.create(task_data()), "create task"),
+        (lambda _query, repo: repo.update_statistics(str(uuid.uuid4()), llm_calls=1), "update_statistics"),
+        (lambda _query, repo: repo.complete(str(uuid.uuid4())), "complete"),
+        (lambda _query, repo: repo.fail(str(uuid.uuid4()), "x"), "fail"),
+        (lambda _query, repo: repo.update_status(str(uuid.uuid4()), "stopped"), "update_status"),
+    ],
+)
+def test_a_failed_operation_is_named_in_its_error(
+    repo: TaskRepository, connection: DatabaseConnection, call: Any, operation: str
+) -> None:
+    with connection.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE tasks")
+    with pytest.raises(DatabaseError) as raised:
+        call(TaskUsageQuery(connection), repo)
+    assert str(raised.value).startswith(f"{operation} failed: ")
