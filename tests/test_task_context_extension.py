@@ -155,3 +155,34 @@ def test_earlier_runs_while_the_database_is_down_are_none_and_say_why(
     messages = [record.getMessage() for record in caplog.records]
     assert messages[-1] == f"earlier runs of task {key} not looked up: the database is unavailable"
     assert sum("earlier runs" in message for message in messages) == 1
+
+
+class _Recording(TaskContextManager):
+    seen: list[tuple[str, str | None]]
+
+    def before_finish(self, status: str, error_message: str | None) -> None:
+        self.seen = [*getattr(self, "seen", []), (status, error_message)]
+
+
+def test_a_status_change_reaches_the_row_and_a_bad_one_is_refused_by_name(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = _Recording(KEY, key, agent_config)
+    manager.update_status("failed", "the tests did not pass")
+    row = stored(key)
+    assert (row.status, row.error_message) == ("failed", "the tests did not pass")
+    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+        manager.update_status("paused")
+    assert any(
+        record.getMessage().startswith(f"update_status of task {key} refused: unknown task status 'paused'")
+        for record in caplog.records
+    )
+    assert stored(key).status == "failed"
+    manager.stop()
+    assert manager.seen == [("stopped", None)]
+    row = stored(key)
+    assert (row.status, row.completed_at is not None) == ("stopped", True)
+    metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["status"] == "stopped"
