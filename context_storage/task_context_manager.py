@@ -397,11 +397,5 @@ class PreviousRun:
     context_dir: Path | None
 
 
-class _Refused:
-    """The database refused the values (a counter would pass INTEGER): not worth trying again."""
-
-    def __repr__(self) -> str:
-        return "REFUSED"
-
-
-_REFUSED = _Refused()
+# What a write returns when the database refused the values (a counter would pass INTEGER): not worth retrying.
+_REFUSED = object()

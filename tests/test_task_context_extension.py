@@ -13,7 +13,8 @@ import pytest
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.jsonl_log import JsonlLog
-from db import TaskRepository
+from db import DatabaseConnection, TaskRepository
+from db.models import INT_MAX
 from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
 
 KEY = GitHubIssueTaskKey("acme", "web", 77)
@@ -186,3 +187,48 @@ def test_a_status_change_reaches_the_row_and_a_bad_one_is_refused_by_name(
     assert (row.status, row.completed_at is not None) == ("stopped", True)
     metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["status"] == "stopped"
+
+
+def test_counts_the_counters_cannot_hold_are_refused_at_the_call(agent_config: dict[str, Any]) -> None:  # noqa: F811
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    manager.update_statistics(tokens=INT_MAX)
+    for bad, shown in ((INT_MAX + 1, str(INT_MAX + 1)), (-1, "-1"), (True, "True"), (1.0, "1.0")):
+        with pytest.raises(ValueError, match=rf"^tokens must be an integer in 0\.\.{INT_MAX}, got {shown}$"):
+            manager.update_statistics(tokens=bad)  # type: ignore[arg-type]
+    amounts = {"llm_calls": 0, "tool_calls": 0, "tokens": 1, "compressions": 0}
+    with pytest.raises(ValueError, match=rf"^task {key}: the counters cannot take {amounts}; they were not counted$"):
+        manager.update_statistics(tokens=1)  # the database's counter is full
+    manager.update_statistics(llm_calls=2)
+    assert manager.pending_statistics == {"llm_calls": 0, "tool_calls": 0, "tokens": 0, "compressions": 0}
+    row = stored(key)
+    assert (row.total_tokens, row.llm_call_count) == (INT_MAX, 2)
+    manager.complete()
+
+
+def test_a_failed_write_is_logged_by_name_and_not_retried_at_every_call(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with DatabaseConnection.get_instance().engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
+    try:
+        with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+            manager.update_status("running")
+            manager.update_status("running")
+            manager.update_statistics(llm_calls=1)
+        said = [
+            record.getMessage() for record in caplog.records if record.name == "context_storage.task_context_manager"
+        ]
+        assert said[0].startswith(f"update_status of task {key} failed, the task goes on: update_status failed: ")
+        # Within the pause that follows, the database is not tried again: the later calls only say so.
+        assert said[1:] == [
+            f"update_status of task {key} not written: the database is unavailable",
+            f"update_statistics of task {key} not written: the database is unavailable",
+        ]
+        assert manager.pending_statistics["llm_calls"] == 1
+    finally:
+        with DatabaseConnection.get_instance().engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
