@@ -1,0 +1,109 @@
+"""Which failures are worth another try, decided on real driver errors from real databases."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError
+
+from db.unit_of_work import _connection_lost, _FailedBeforeCommitError, _known_rolled_back, is_transient_error
+
+
+def _raised(engine: Engine, statement: str) -> DBAPIError:
+    with pytest.raises(DBAPIError) as raised, engine.connect() as conn:
+        conn.execute(text(statement))
+    return raised.value
+
+
+def test_a_locked_sqlite_file_is_transient_a_missing_table_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        locked = _raised(engine, "SELECT * FROM t")
+        assert getattr(locked.orig, "sqlite_errorcode", 0) & 0xFF == 5  # SQLITE_BUSY, as the driver says it
+        assert is_transient_error(locked)
+        holder.execute("ROLLBACK")
+        missing = _raised(engine, "SELECT * FROM nowhere")
+        assert not is_transient_error(missing)
+        assert not _connection_lost(missing) and not _known_rolled_back(missing)
+        failure = _FailedBeforeCommitError(locked)
+        assert failure.error is locked and failure.orig is locked.orig and str(failure) == str(locked)
+    finally:
+        engine.dispose()
+        holder.close()
+
+
+@pytest.fixture
+def server_engine(postgres_url: URL) -> Iterator[Engine]:
+    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS transient_probe")
+        conn.exec_driver_sql("CREATE TABLE transient_probe (id int PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO transient_probe VALUES (1)")
+    yield engine
+    with engine.connect() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS transient_probe")
+    engine.dispose()
+
+
+def test_postgresql_sqlstates_decide(server_engine: Engine, postgres_url: URL, refused_port: int) -> None:
+    with server_engine.connect() as holder:
+        holder.exec_driver_sql("BEGIN")
+        holder.exec_driver_sql("SELECT * FROM transient_probe FOR UPDATE")
+        with pytest.raises(DBAPIError) as raised, server_engine.connect() as conn:
+            conn.exec_driver_sql("SELECT * FROM transient_probe FOR UPDATE NOWAIT")
+        holder.exec_driver_sql("ROLLBACK")
+    not_available = raised.value
+    assert getattr(not_available.orig, "pgcode", None) == "55P03"
+    assert is_transient_error(not_available) and not _connection_lost(not_available)
+    assert not _known_rolled_back(not_available)
+
+    missing = _raised(server_engine, "SELECT * FROM nowhere")
+    assert getattr(missing.orig, "pgcode", None) == "42P01"
+    assert not is_transient_error(missing) and not _connection_lost(missing)
+
+    with server_engine.connect() as victim:
+        pid = victim.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with server_engine.connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as raised:
+            victim.exec_driver_sql("SELECT 1")
+    terminated = raised.value
+    assert is_transient_error(terminated) and _connection_lost(terminated)
+
+    unreachable = create_engine(postgres_url.set(port=refused_port), connect_args={"connect_timeout": 2})
+    try:
+        with pytest.raises(DBAPIError) as raised, unreachable.connect():
+            pass
+    finally:
+        unreachable.dispose()
+    refused = raised.value
+    assert getattr(refused.orig, "pgcode", None) is None
+    assert is_transient_error(refused) and _connection_lost(refused)
+
+
+def test_a_serialization_failure_is_transient_and_rolled_back(server_engine: Engine) -> None:
+    first, second = server_engine.connect(), server_engine.connect()
+    try:
+        for conn in (first, second):
+            conn.exec_driver_sql("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            conn.exec_driver_sql("SELECT * FROM transient_probe")
+        first.exec_driver_sql("UPDATE transient_probe SET id = 2")
+        first.exec_driver_sql("COMMIT")
+        with pytest.raises(DBAPIError) as raised:
+            second.exec_driver_sql("UPDATE transient_probe SET id = 3")
+        second.exec_driver_sql("ROLLBACK")
+    finally:
+        first.close()
+        second.close()
+    conflict = raised.value
+    assert getattr(conflict.orig, "pgcode", None) == "40001"
+    assert is_transient_error(conflict) and _known_rolled_back(conflict) and not _connection_lost(conflict)
