@@ -242,7 +242,10 @@ def test_password_in_yaml_works_but_warns(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level(logging.WARNING, logger="db.config"):
         config = DatabaseConfig.load(nested(type="postgresql", postgresql={"password": SECRET}), env={})
     assert config.password == SECRET
-    assert "DATABASE_PASSWORD" in caplog.text
+    assert [record.getMessage() for record in caplog.records] == [
+        "database.postgresql.password (config.yaml) holds a database password; "
+        "set it in the DATABASE_PASSWORD environment variable instead"
+    ]
     assert SECRET not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="db.config"):
@@ -287,6 +290,8 @@ def test_unreadable_yaml_is_a_config_error(tmp_path: Path, content: str, problem
         ('database:\n  postgresql:\n    password: "hunter2\n', " at line 4, column 1: found unexpected end of stream"),
         # PyYAML quotes the offending character in this problem's text: only the position is given.
         ("database:\n\tpassword: hunter2\n", " at line 2, column 1"),
+        # A character YAML does not allow at all: the reader's error has no position of that kind.
+        ("database:\n  password: hun\x07ter2\n", ""),
     ],
 )
 def test_a_yaml_error_says_exactly_where_and_what_but_never_the_line(tmp_path: Path, content: str, where: str) -> None:
