@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -331,3 +333,58 @@ def test_a_failed_operation_is_named_in_its_error(
     with pytest.raises(DatabaseError) as raised:
         call(TaskUsageQuery(connection), repo)
     assert str(raised.value).startswith(f"{operation} failed: ")
+
+
+@pytest.fixture
+def far_local_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The machine's own zone far from the caller's, so that nothing may fall back on it."""
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_period_ends_ties_and_the_month_of_the_callers_zone(
+    repo: TaskRepository, connection: DatabaseConnection, far_local_zone: None
+) -> None:
+    del far_local_zone
+    now = datetime(2025, 12, 9, 20, 0, tzinfo=UTC)  # Wednesday 10 Dec 05:00 in Tokyo, Tuesday 9 Dec in UTC
+    at = lambda text: datetime.fromisoformat(text).replace(tzinfo=UTC)  # noqa: E731
+    for user, created, tokens in (
+        # Exactly at the end of today, of this week and of this month in Tokyo (a host whose clock runs ahead):
+        ("dee", "2025-12-10T15:00:00", 10),
+        ("dee", "2025-12-14T15:00:00", 100),
+        ("dee", "2025-12-31T15:00:00", 2000),
+        ("ben", "2025-12-10T15:00:00", 10),
+        ("ben", "2025-12-14T15:00:00", 100),
+        ("ben", "2025-12-31T15:00:00", 1000),
+        ("cy", "2025-12-05T00:00:00", 110),
+        ("cy", "2024-01-01T00:00:00", 1000),
+        ("eve", "2025-12-09T15:00:00", 2),  # exactly the start of today in Tokyo
+        ("ann", "2025-11-30T15:00:00", 1),  # 1 Dec 00:00 in Tokyo, still November in UTC
+        (None, "2025-11-30T14:59:59", 5),
+        ("Al", "2024-06-01T00:00:00", 5),
+    ):
+        repo.create(task_data(user=user, created_at=at(created), total_tokens=tokens))
+    query = TaskUsageQuery(connection)
+    usage = [(u.user, u.today, u.week, u.month, u.total) for u in query.per_user(zone="Asia/Tokyo", now=now)]
+    assert usage == [
+        ("dee", 0, 10, 110, 2110),
+        ("ben", 0, 10, 110, 1110),
+        ("cy", 0, 0, 110, 1110),
+        ("eve", 2, 2, 2, 2),
+        ("ann", 0, 0, 1, 1),
+        (None, 0, 0, 0, 5),
+        ("Al", 0, 0, 0, 5),
+    ]
+    assert [u.user for u in query.top_users(zone="Asia/Tokyo", now=now)] == ["dee", "ben", "cy", "eve", "ann"]
+    assert "ann" not in [u.user for u in query.top_users(zone="UTC", now=now)]
+    daily = query.daily(days=3, zone="Asia/Tokyo", now=now)
+    assert [(entry.day, entry.tokens) for entry in daily] == [
+        (date(2025, 12, 8), 0),
+        (date(2025, 12, 9), 0),
+        (date(2025, 12, 10), 2),
+    ]
+    with pytest.raises(ValueError, match=r"^now must be timezone-aware$"):
+        query.daily(now=datetime(2025, 12, 9, 20, 0))  # noqa: DTZ001
