@@ -318,3 +318,90 @@ def test_the_context_base_dir_comes_from_the_yaml_or_the_default(tmp_path: Path)
     path.write_text("context_storage:\n  base_dir: work/tasks\n", encoding="utf-8")
     assert load_base_dir(path) == Path("work/tasks")
     assert load_base_dir(str(path)) == Path("work/tasks")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(spelling, True) for spelling in ("1", "true", "yes", "on", " YES ")]
+    + [(spelling, False) for spelling in ("0", "false", "no", "off", "Off")],
+)
+def test_every_spelling_of_a_switch(text: str, expected: bool) -> None:
+    assert DatabaseConfig.load({}, env={"DATABASE_ECHO": text}).echo is expected
+
+
+NUMBERS = [
+    setting.env
+    for setting in SETTINGS
+    if type(setting.default) in (int, float) and setting.env != "DATABASE_PORT"  # the port has its own message
+]
+
+
+@pytest.mark.parametrize("variable", NUMBERS)
+def test_a_number_that_is_not_one_names_its_variable_and_what_it_must_be(variable: str) -> None:
+    kind = "a number of seconds" if isinstance(_setting(variable).default, float) else "an integer"
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load({}, env={variable: "lots"})
+    assert str(raised.value) == f"{variable} (environment): must be {kind}, got 'lots'"
+
+
+def _setting(variable: str) -> Any:
+    return next(setting for setting in SETTINGS if setting.env == variable)
+
+
+def test_switches_and_odd_values_are_refused_with_their_source() -> None:
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load({}, env={"DATABASE_ECHO": "maybe"})
+    assert str(raised.value) == "DATABASE_ECHO (environment): must be true or false, got 'maybe'"
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load(nested(pool={"size": [1, 2]}), env={})
+    assert str(raised.value) == "database.pool.size (config.yaml): must be a single value, not a list"
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load(nested(sqlite={"path": ""}), env={"DATABASE_SQLITE_PATH": ""})
+    assert str(raised.value).endswith(": the SQLite path must not be empty")
+    assert str(raised.value).startswith("database.sqlite.path")
+
+
+def test_postgres_is_another_name_for_postgresql() -> None:
+    assert DatabaseConfig.load({}, env={"DATABASE_TYPE": "Postgres"}).type == "postgresql"
+    config = DatabaseConfig.load({}, env={"DATABASE_URL": "postgres+psycopg2://agent@db.example/tasks"})
+    assert config.type == "postgresql"
+    assert config.sqlalchemy_url.drivername == "postgresql+psycopg2"
+
+
+def test_url_errors_say_what_a_url_must_look_like() -> None:
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load({}, env={"DATABASE_URL": "::not a url::"})
+    assert str(raised.value) == (
+        "DATABASE_URL (environment): not a valid database URL; expected dialect[+driver]://user:password@host:port/name "
+        "with special characters in the password percent-encoded"
+    )
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load({}, env={"DATABASE_URL": "postgresql://agent@db/tasks?sslmode=sometimes"})
+    assert "unknown sslmode 'sometimes'; allowed: disable, allow, prefer, require, verify-ca, verify-full" in str(
+        raised.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("postgresql://agent@db/tasks", False),
+        ("postgresql://agent@db/tasks?sslmode=require", False),
+        ("postgresql://agent@db/tasks?PassWord=x", True),
+        ("postgresql://agent:pw@db/tasks", True),
+    ],
+)
+def test_only_a_url_holding_a_password_warns(caplog: pytest.LogCaptureFixture, url: str, warned: bool) -> None:
+    with caplog.at_level(logging.WARNING, logger="db.config"):
+        DatabaseConfig.load(nested(url=url), env={})
+    assert ("holds a database password" in caplog.text) is warned
+
+
+def test_the_base_dir_is_recorded_as_the_source_of_the_sqlite_path(tmp_path: Path) -> None:
+    config = DatabaseConfig.load({"context_storage": {"base_dir": str(tmp_path)}}, env={})
+    assert config.sqlite_path == str(tmp_path / "tasks.db")
+    assert config.sources["base_dir"] == "context_storage.base_dir (config.yaml)"
+    assert "base_dir" not in DatabaseConfig.load({}, env={}).sources
+    assert DatabaseConfig.load({"context_storage": {"base_dir": ""}}, env={}).sqlite_path == str(
+        Path("contexts") / "tasks.db"
+    )
