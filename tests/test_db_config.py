@@ -372,7 +372,8 @@ def test_url_errors_say_what_a_url_must_look_like() -> None:
     with pytest.raises(DatabaseConfigError) as raised:
         DatabaseConfig.load({}, env={"DATABASE_URL": "::not a url::"})
     assert str(raised.value) == (
-        "DATABASE_URL (environment): not a valid database URL; expected dialect[+driver]://user:password@host:port/name "
+        "DATABASE_URL (environment): not a valid database URL; "
+        "expected dialect[+driver]://user:password@host:port/name "
         "with special characters in the password percent-encoded"
     )
     with pytest.raises(DatabaseConfigError) as raised:
