@@ -368,3 +368,49 @@ def test_earlier_runs_default_limit_order_and_since_boundary(repo: TaskRepositor
 class _Key:
     def task_fields(self) -> dict[str, str]:
         return {"task_source": "github", "owner": "acme", "repo": "web", "task_type": "issue", "task_id": "5"}
+
+
+def test_each_operation_logs_what_it_did_at_its_level(repo: TaskRepository, caplog: pytest.LogCaptureFixture) -> None:
+    missing = "00000000-0000-4000-8000-000000000001"
+    with caplog.at_level(logging.DEBUG, logger="db.repositories.task_repository"):
+        task = repo.create(task_data())
+        repo.get_by_uuid(missing)
+        repo.update(task.uuid, {"model": "m", "hostname": "h"})
+        repo.update(missing, {"model": "m"})
+        repo.complete(task.uuid)
+        repo.fail(missing, "boom")
+    said = [(record.levelname, record.getMessage()) for record in caplog.records if record.name.startswith("db.repo")]
+    assert said == [
+        ("DEBUG", f"created task {task.uuid}"),
+        ("DEBUG", f"task {missing} not found"),
+        ("DEBUG", f"updated task {task.uuid}: hostname, model"),
+        ("WARNING", f"update: task {missing} does not exist"),
+        ("DEBUG", f"complete: task {task.uuid}"),
+        ("WARNING", f"fail: task {missing} does not exist"),
+    ]
+
+
+def test_update_and_create_name_every_field_they_refuse(repo: TaskRepository, make_task: Callable[..., Task]) -> None:
+    task = make_task()
+    with pytest.raises(ValueError, match=r"^task fields cannot be updated: created_at, uuid$"):
+        repo.update(task.uuid, {"uuid": task.uuid, "created_at": task.created_at})
+    with pytest.raises(ValueError, match=r"^unknown task fields: colour, size$"):
+        repo.update(task.uuid, {"size": 1, "colour": "red"})
+    with pytest.raises(ValueError, match="updated_at"):
+        repo.create(task_data(updated_at=datetime.now(UTC)))
+
+
+def test_listings_give_a_hundred_by_default_and_keep_their_filters_across_pages(repo: TaskRepository) -> None:
+    start = datetime(2026, 2, 1, tzinfo=UTC)
+    for index in range(101):
+        repo.create(task_data(created_at=start + timedelta(seconds=index), status="running", user="ann"))
+    assert len(repo.list_tasks()) == 100
+    assert len(repo.list_by_user("ann")) == 100
+    assert len(repo.list_by_status("running")) == 100
+    failed = [
+        repo.create(task_data(created_at=start + timedelta(seconds=index), status="failed", user="bob")).uuid
+        for index in range(5)
+    ]
+    newest_failed = failed[::-1]
+    page = repo.list_tasks(status="failed", after=newest_failed[0], limit=3)
+    assert [task.uuid for task in page] == newest_failed[1:4]
