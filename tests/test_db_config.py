@@ -406,3 +406,9 @@ def test_the_base_dir_is_recorded_as_the_source_of_the_sqlite_path(tmp_path: Pat
     assert DatabaseConfig.load({"context_storage": {"base_dir": ""}}, env={}).sqlite_path == str(
         Path("contexts") / "tasks.db"
     )
+
+
+def test_a_yes_or_no_where_a_number_belongs_is_refused_as_such() -> None:
+    with pytest.raises(DatabaseConfigError) as raised:
+        DatabaseConfig.load(nested(pool={"size": True}), env={})
+    assert str(raised.value) == "database.pool.size (config.yaml): must be an integer, got True"

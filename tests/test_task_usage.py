@@ -388,3 +388,17 @@ def test_period_ends_ties_and_the_month_of_the_callers_zone(
     ]
     with pytest.raises(ValueError, match=r"^now must be timezone-aware$"):
         query.daily(now=datetime(2025, 12, 9, 20, 0))  # noqa: DTZ001
+
+
+def test_usage_reads_the_connection_it_is_given_else_the_process_one(tmp_path: Path) -> None:
+    given = DatabaseConnection(DatabaseConfig(sqlite_path=str(tmp_path / "given.db")))
+    given.create_tables()
+    TaskRepository(given).create(task_data(user="given", total_tokens=3))
+    process = DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(tmp_path / "process.db")))
+    process.create_tables()
+    TaskRepository(process).create(task_data(user="process", total_tokens=4))
+    try:
+        assert [usage.user for usage in TaskUsageQuery(given).per_user()] == ["given"]
+        assert [usage.user for usage in TaskUsageQuery().per_user()] == ["process"]
+    finally:
+        given.dispose()
