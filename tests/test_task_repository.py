@@ -414,3 +414,16 @@ def test_listings_give_a_hundred_by_default_and_keep_their_filters_across_pages(
     newest_failed = failed[::-1]
     page = repo.list_tasks(status="failed", after=newest_failed[0], limit=3)
     assert [task.uuid for task in page] == newest_failed[1:4]
+
+
+def test_increments_to_a_missing_task_leave_the_connection_clean(
+    repo: TaskRepository, make_task: Callable[..., Task]
+) -> None:
+    missing = "00000000-0000-4000-8000-000000000002"
+    for _ in range(3):  # more times than the pool holds idle connections to hand back
+        assert repo.update_statistics(missing, llm_calls=1) is False
+        assert repo.update_statistics(missing, llm_calls=1, if_updated_at=datetime.now(UTC)) is False
+    task = make_task()
+    assert repo.update_statistics(task.uuid, llm_calls=2) is True
+    stored = repo.get_by_uuid(task.uuid)
+    assert stored is not None and stored.llm_call_count == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,15 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 
-from db.unit_of_work import _connection_lost, _FailedBeforeCommitError, _known_rolled_back, is_transient_error
+from db import DatabaseConfig, DatabaseConnection, unit_of_work
+from db.errors import DatabaseError
+from db.unit_of_work import (
+    _connection_lost,
+    _FailedBeforeCommitError,
+    _known_rolled_back,
+    is_transient_error,
+    postgresql_transaction_committed,
+)
 
 
 def _raised(engine: Engine, statement: str) -> DBAPIError:
@@ -107,3 +116,50 @@ def test_a_serialization_failure_is_transient_and_rolled_back(server_engine: Eng
     conflict = raised.value
     assert getattr(conflict.orig, "pgcode", None) == "40001"
     assert is_transient_error(conflict) and _known_rolled_back(conflict) and not _connection_lost(conflict)
+
+
+def _transaction(engine: Engine, finish: str) -> tuple[str, str]:
+    with engine.connect() as conn:
+        conn.exec_driver_sql("BEGIN")
+        xid, started = conn.exec_driver_sql("SELECT pg_current_xact_id()::text, pg_postmaster_start_time()::text").one()
+        conn.exec_driver_sql(finish)
+    return str(xid), str(started)
+
+
+def test_a_transactions_outcome_is_looked_up_on_the_server(
+    server_engine: Engine, postgres_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connection = DatabaseConnection(DatabaseConfig(url=postgres_url.render_as_string(hide_password=False)))
+    try:
+        assert postgresql_transaction_committed(connection, *_transaction(server_engine, "COMMIT")) is True
+        assert postgresql_transaction_committed(connection, *_transaction(server_engine, "ROLLBACK")) is False
+        xid, _ = _transaction(server_engine, "COMMIT")
+        with pytest.raises(DatabaseError) as raised:
+            postgresql_transaction_committed(connection, xid, "2000-01-01 00:00:00+00")
+        assert str(raised.value) == (
+            f"the commit of transaction {xid} was cut off and its outcome is unknown (the server restarted meanwhile)"
+        )
+        # Still in progress: polled until it ends, within the polls allowed.
+        monkeypatch.setattr(unit_of_work, "STATUS_POLLS", 40)
+        with server_engine.connect() as open_one:
+            open_one.exec_driver_sql("BEGIN")
+            xid, started = open_one.exec_driver_sql(
+                "SELECT pg_current_xact_id()::text, pg_postmaster_start_time()::text"
+            ).one()
+            ender = threading.Timer(0.3, lambda: open_one.exec_driver_sql("COMMIT"))
+            ender.start()
+            try:
+                assert postgresql_transaction_committed(connection, str(xid), str(started)) is True
+            finally:
+                ender.join()
+        monkeypatch.setattr(unit_of_work, "STATUS_POLLS", 2)
+        with server_engine.connect() as open_one:
+            open_one.exec_driver_sql("BEGIN")
+            xid, started = open_one.exec_driver_sql(
+                "SELECT pg_current_xact_id()::text, pg_postmaster_start_time()::text"
+            ).one()
+            with pytest.raises(DatabaseError, match="outcome is unknown"):
+                postgresql_transaction_committed(connection, str(xid), str(started))
+            open_one.exec_driver_sql("ROLLBACK")
+    finally:
+        connection.dispose()
