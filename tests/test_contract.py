@@ -141,6 +141,8 @@ def test_an_increment_is_not_redone_after_its_commit_was_sent(
     if connection.config.backend == "postgresql":
         # PostgreSQL is asked whether the transaction committed: it did, so the call counts it once.
         assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
+        # BEGIN travels with the UPDATE, which returns the transaction's id to ask about: two round trips.
+        assert updates[0].lstrip().upper().startswith("BEGIN;") and "pg_current_xact_id" in updates[0]
     else:
         with pytest.raises(DatabaseError, match="outcome is unknown"):
             repo.update_statistics(task.uuid, llm_calls=1, tokens=5)
