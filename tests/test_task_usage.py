@@ -402,3 +402,18 @@ def test_usage_reads_the_connection_it_is_given_else_the_process_one(tmp_path: P
         assert [usage.user for usage in TaskUsageQuery().per_user()] == ["process"]
     finally:
         given.dispose()
+
+
+def test_a_year_with_two_offset_changes_counts_every_day_in_its_own_offset(
+    connection: DatabaseConnection, repo: TaskRepository
+) -> None:
+    new_york = ZoneInfo("America/New_York")
+    days = [date(2025, 1, 15), date(2025, 3, 10), date(2025, 7, 4), date(2025, 11, 3), date(2025, 12, 30)]
+    for index, day in enumerate(days):
+        # 23:30 local: half an hour from the next day, whatever the offset of that day.
+        local = datetime.combine(day, datetime.min.time(), tzinfo=new_york) + timedelta(hours=23, minutes=30)
+        repo.create(task_data(created_at=local.astimezone(UTC), total_tokens=10**index))
+    daily = TaskUsageQuery(connection).daily(days=365, zone=new_york, now=datetime(2025, 12, 31, 17, tzinfo=UTC))
+    assert {entry.day: entry.tokens for entry in daily if entry.tokens} == {
+        day: 10**index for index, day in enumerate(days)
+    }
