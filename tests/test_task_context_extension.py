@@ -232,3 +232,46 @@ def test_a_failed_write_is_logged_by_name_and_not_retried_at_every_call(
     finally:
         with DatabaseConnection.get_instance().engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "called"),
+    [("fail", "complete", "complete"), ("complete", "stop", "stop"), ("stop", "fail", "fail")],
+)
+def test_a_second_finish_says_which_outcome_stands(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    first: str,
+    second: str,
+    called: str,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    finish = {"fail": lambda: manager.fail("boom"), "complete": manager.complete, "stop": manager.stop}
+    finish[first]()
+    outcome = {"fail": "failed", "complete": "completed", "stop": "stopped"}[first]
+    with caplog.at_level(logging.WARNING, logger="context_storage.task_context_manager"):
+        finish[second]()
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("context_storage")] == [
+        f"task {key} already finished as {outcome}; {called}() leaves that outcome and the directory as they are"
+    ]
+    assert stored(key).status == outcome
+
+
+def test_earlier_runs_when_the_lookup_fails_say_why(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with DatabaseConnection.get_instance().engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
+    try:
+        with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+            assert manager.previous_runs() == []
+        said = [record.getMessage() for record in caplog.records if record.name.startswith("context_storage")]
+        assert len(said) == 1
+        assert said[0].startswith(f"earlier runs of task {key} not looked up: list tasks failed: ")
+    finally:
+        with DatabaseConnection.get_instance().engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
