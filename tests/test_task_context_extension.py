@@ -275,3 +275,29 @@ def test_earlier_runs_when_the_lookup_fails_say_why(
     finally:
         with DatabaseConnection.get_instance().engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+
+
+def test_statistics_kept_while_the_table_was_away_are_written_by_the_next_run(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    manager.update_statistics(llm_calls=3)
+    engine = DatabaseConnection.get_instance().engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
+    try:
+        manager.update_statistics(tokens=50)
+        manager.complete()
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+    kept = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))["unsaved"]
+    assert kept["statistics"]["tokens"] == 50
+    assert (stored(key).llm_call_count, stored(key).total_tokens) == (3, 0)
+
+    resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
+    resumed.complete()
+    row = stored(key)
+    assert (row.status, row.llm_call_count, row.total_tokens) == ("completed", 3, 50)
+    assert "unsaved" not in json.loads((resumed.context_dir / "metadata.json").read_text(encoding="utf-8"))
