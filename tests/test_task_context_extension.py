@@ -281,20 +281,29 @@ def test_statistics_kept_while_the_table_was_away_are_written_by_the_next_run(
     agent_config: dict[str, Any],  # noqa: F811
 ) -> None:
     key = str(uuid.uuid4())
-    manager = TaskContextManager(KEY, key, agent_config)
+    manager = _Recording(KEY, key, agent_config)
     manager.update_statistics(llm_calls=3)
     engine = DatabaseConnection.get_instance().engine
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
     try:
         manager.update_statistics(tokens=50)
-        manager.complete()
+        manager.fail("the LLM gave up")
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
-    kept = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))["unsaved"]
+    assert manager.seen == [("failed", "the LLM gave up")]
+    metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
+    kept = metadata["unsaved"]
     assert kept["statistics"]["tokens"] == 50
-    assert (stored(key).llm_call_count, stored(key).total_tokens) == (3, 0)
+    assert kept["outcome"] == {
+        "status": "failed",
+        "error_message": "the LLM gave up",
+        "completed_at": metadata["completed_at"],
+    }
+    assert datetime.fromisoformat(metadata["completed_at"]).utcoffset() == timedelta(0)
+    assert metadata["status"] == "failed"
+    assert (stored(key).llm_call_count, stored(key).total_tokens, stored(key).status) == (3, 0, "running")
 
     resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
     resumed.complete()
