@@ -140,7 +140,7 @@ def test_a_transactions_outcome_is_looked_up_on_the_server(
             f"the commit of transaction {xid} was cut off and its outcome is unknown (the server restarted meanwhile)"
         )
         # Still in progress: polled until it ends, within the polls allowed.
-        monkeypatch.setattr(unit_of_work, "STATUS_POLLS", 40)
+        monkeypatch.setattr(unit_of_work, "STATUS_POLLS", 400)  # up to 20 s: the COMMIT comes after 0.3 s
         with server_engine.connect() as open_one:
             open_one.exec_driver_sql("BEGIN")
             xid, started = open_one.exec_driver_sql(
