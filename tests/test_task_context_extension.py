@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.jsonl_log import JsonlLog
+from context_storage.task_lock import TaskAlreadyRunningError
 from db import DatabaseConnection, TaskRepository
 from db.models import INT_MAX
 from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
@@ -310,3 +313,38 @@ def test_statistics_kept_while_the_table_was_away_are_written_by_the_next_run(
     row = stored(key)
     assert (row.status, row.llm_call_count, row.total_tokens) == ("completed", 3, 50)
     assert "unsaved" not in json.loads((resumed.context_dir / "metadata.json").read_text(encoding="utf-8"))
+
+
+def test_a_new_task_starts_its_metadata_and_a_second_start_names_the_holder(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    key = str(uuid.uuid4())
+    before = datetime.now(UTC)
+    manager = TaskContextManager(KEY, key, agent_config, user="zoe")
+    metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["uuid"] == key and metadata["user"] == "zoe"
+    assert metadata["task_key"] == KEY.to_dict()
+    assert (metadata["config"]["llm_provider"], metadata["config"]["model"]) == ("openai", "gpt-4o")
+    assert metadata["process_id"] == os.getpid() and metadata["hostname"] == socket.gethostname()
+    created = datetime.fromisoformat(metadata["created_at"])
+    assert created.utcoffset() == timedelta(0) and before <= created <= datetime.now(UTC)
+    with pytest.raises(TaskAlreadyRunningError) as raised:
+        TaskContextManager(KEY, key, agent_config)
+    assert f"(process {os.getpid()} on {socket.gethostname()})" in str(raised.value)
+    manager.complete()
+
+
+def test_without_a_base_dir_tasks_live_under_contexts(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = {key: value for key, value in agent_config.items() if key != "context_storage"}
+    if agent_config["database"].get("type") == "sqlite":
+        config["database"] = {"type": "sqlite", "sqlite": {"path": str(tmp_path / "tasks.db")}}
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, config)
+    assert manager.context_dir == Path("contexts") / "running" / key
+    assert (tmp_path / "contexts" / "locks" / f"{key}.lock").is_file()
+    manager.complete()
