@@ -348,3 +348,28 @@ def test_without_a_base_dir_tasks_live_under_contexts(
     assert manager.context_dir == Path("contexts") / "running" / key
     assert (tmp_path / "contexts" / "locks" / f"{key}.lock").is_file()
     manager.complete()
+
+
+def test_increments_the_counters_refuse_at_the_end_are_dropped_and_the_task_still_finishes(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    engine = DatabaseConnection.get_instance().engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
+    try:
+        manager.update_statistics(tokens=5)  # kept in memory: the table is away
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+    TaskRepository().update_statistics(key, tokens=INT_MAX)  # another writer filled the counter meanwhile
+    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+        manager.complete()
+    amounts = {"llm_calls": 0, "tool_calls": 0, "tokens": 5, "compressions": 0}
+    said = [record.getMessage() for record in caplog.records if record.name.startswith("context_storage")]
+    assert f"task {key}: the counters cannot take {amounts}; dropped" in said
+    row = stored(key)
+    assert (row.status, row.total_tokens) == ("completed", INT_MAX)
+    assert manager.pending_statistics == dict.fromkeys(amounts, 0)
