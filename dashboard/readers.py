@@ -101,11 +101,10 @@ class DashboardReader:
 
     def page(self, *, status: str | None, user: str | None, after: str | None, limit: int) -> TaskPage:
         """One page of the listing, newest first; `next_after` continues it, None on the last page."""
-        if after is not None:
-            after = canonical_uuid(after)
-            if self._tasks.get_by_uuid(after) is None:
-                raise ValueError(f"after: no task {after} to continue from")
         rows = self._tasks.list_tasks(status=status, user=user, after=after, limit=limit + 1)
+        # An unknown `after` lists nothing: only then is it looked up, to tell it from the end of the listing.
+        if not rows and after is not None and self._tasks.get_by_uuid(after) is None:
+            raise ValueError(f"after: no task {canonical_uuid(after)} to continue from")
         more = len(rows) > limit
         tasks = rows[:limit]
         return TaskPage(tasks, tasks[-1].uuid if more else None)
@@ -151,9 +150,6 @@ class DashboardReader:
 
     def history(self, user: str | None, days: int, zone: str) -> History:
         """Tokens per day, oldest first; one user's, or everyone's when `user` is None."""
-        if user is not None and not self._tasks.list_tasks(user=user, limit=1):
-            raise NotFoundError(f"no tasks of user {user!r}")
-
         def compute() -> tuple[datetime, list[tuple[date, int]]]:
             now = self._clock()
             daily = self._usage.daily(days=days, zone=zone, now=now, user=user)
@@ -161,6 +157,9 @@ class DashboardReader:
 
         if user is not None:  # one user's tasks, found by index: always computed afresh
             as_of, points = compute()
+            # A user without a token in these days may have no task at all: only then is that looked up.
+            if not any(tokens for _, tokens in points) and not self._tasks.list_tasks(user=user, limit=1):
+                raise NotFoundError(f"no tasks of user {user!r}")
         else:
             (as_of, points), _ = self._sums.get(("daily", days, zone), compute)
         return History(user, zone, points, as_of)
