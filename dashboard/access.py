@@ -52,9 +52,7 @@ class Access:
 
     def accepts_token(self, offered: str | None) -> bool:
         """Whether `offered` is the token, compared in constant time."""
-        if self.token is None:
-            return True
-        return offered is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+        return self.token is None or _same(offered, self.token)
 
     def session_value(self) -> str:
         """The login cookie's value: derived from the token, so the cookie never carries the token itself."""
@@ -63,9 +61,7 @@ class Access:
         return hmac.new(self.token.encode(), b"dashboard session", hashlib.sha256).hexdigest()
 
     def accepts_session(self, offered: str | None) -> bool:
-        if self.token is None:
-            return True
-        return offered is not None and hmac.compare_digest(offered.encode(), self.session_value().encode())
+        return self.token is None or _same(offered, self.session_value())
 
     def accepts_headers(self, authorization: str | None, cookie: str | None) -> bool:
         """A request passes with `Authorization: Bearer <token>` or the login cookie."""
@@ -75,3 +71,7 @@ class Access:
         if scheme.lower() == "bearer" and self.accepts_token(credentials.strip()):
             return True
         return self.accepts_session(cookie)
+
+
+def _same(offered: str | None, expected: str) -> bool:
+    return offered is not None and hmac.compare_digest(offered.encode(), expected.encode())
