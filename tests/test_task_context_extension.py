@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,26 @@ from context_storage.jsonl_log import JsonlLog
 from context_storage.task_lock import TaskAlreadyRunningError
 from db import DatabaseConnection, TaskRepository
 from db.models import INT_MAX
-from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
+from tests.test_task_context_with_db import agent_config, stored, unreachable_database_config  # noqa: F401
 
 KEY = GitHubIssueTaskKey("acme", "web", 77)
+MANAGER_LOGGER = "context_storage.task_context_manager"
+
+
+@contextmanager
+def tasks_table_away() -> Iterator[None]:
+    """The tasks table renamed away for the duration: every statement on it fails as on a lost database."""
+    with DatabaseConnection.get_instance().engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
+    try:
+        yield
+    finally:
+        with DatabaseConnection.get_instance().engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+
+
+def manager_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == MANAGER_LOGGER]
 
 
 @pytest.fixture(params=["sqlite-file", "postgresql"])
@@ -143,18 +162,10 @@ def test_earlier_runs_are_bounded_by_limit_and_expiry_and_never_include_this_run
 def test_earlier_runs_while_the_database_is_down_are_none_and_say_why(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, refused_port: int
 ) -> None:
-    config = {
-        "context_storage": {"base_dir": str(tmp_path / "contexts")},
-        "llm": LLM,
-        "database": {
-            "type": "postgresql",
-            "postgresql": {"host": "127.0.0.1", "port": refused_port},
-            "startup_timeout": 0,
-        },
-    }
+    config = unreachable_database_config(tmp_path, refused_port, startup_timeout=0)
     key = str(uuid.uuid4())
     manager = TaskContextManager(KEY, key, config)
-    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+    with caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
         assert manager.previous_runs() == []
     messages = [record.getMessage() for record in caplog.records]
     assert messages[-1] == f"earlier runs of task {key} not looked up: the database is unavailable"
@@ -177,7 +188,7 @@ def test_a_status_change_reaches_the_row_and_a_bad_one_is_refused_by_name(
     manager.update_status("failed", "the tests did not pass")
     row = stored(key)
     assert (row.status, row.error_message) == ("failed", "the tests did not pass")
-    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+    with caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
         manager.update_status("paused")
     assert any(
         record.getMessage().startswith(f"update_status of task {key} refused: unknown task status 'paused'")
@@ -215,26 +226,18 @@ def test_a_failed_write_is_logged_by_name_and_not_retried_at_every_call(
 ) -> None:
     key = str(uuid.uuid4())
     manager = TaskContextManager(KEY, key, agent_config)
-    with DatabaseConnection.get_instance().engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
-    try:
-        with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
-            manager.update_status("running")
-            manager.update_status("running")
-            manager.update_statistics(llm_calls=1)
-        said = [
-            record.getMessage() for record in caplog.records if record.name == "context_storage.task_context_manager"
-        ]
-        assert said[0].startswith(f"update_status of task {key} failed, the task goes on: update_status failed: ")
-        # Within the pause that follows, the database is not tried again: the later calls only say so.
-        assert said[1:] == [
-            f"update_status of task {key} not written: the database is unavailable",
-            f"update_statistics of task {key} not written: the database is unavailable",
-        ]
-        assert manager.pending_statistics["llm_calls"] == 1
-    finally:
-        with DatabaseConnection.get_instance().engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
+        manager.update_status("running")
+        manager.update_status("running")
+        manager.update_statistics(llm_calls=1)
+    said = manager_said(caplog)
+    assert said[0].startswith(f"update_status of task {key} failed, the task goes on: update_status failed: ")
+    # Within the pause that follows, the database is not tried again: the later calls only say so.
+    assert said[1:] == [
+        f"update_status of task {key} not written: the database is unavailable",
+        f"update_statistics of task {key} not written: the database is unavailable",
+    ]
+    assert manager.pending_statistics["llm_calls"] == 1
 
 
 @pytest.mark.parametrize(
@@ -253,9 +256,9 @@ def test_a_second_finish_says_which_outcome_stands(
     finish = {"fail": lambda: manager.fail("boom"), "complete": manager.complete, "stop": manager.stop}
     finish[first]()
     outcome = {"fail": "failed", "complete": "completed", "stop": "stopped"}[first]
-    with caplog.at_level(logging.WARNING, logger="context_storage.task_context_manager"):
+    with caplog.at_level(logging.WARNING, logger=MANAGER_LOGGER):
         finish[second]()
-    assert [record.getMessage() for record in caplog.records if record.name.startswith("context_storage")] == [
+    assert manager_said(caplog) == [
         f"task {key} already finished as {outcome}; {called}() leaves that outcome and the directory as they are"
     ]
     assert stored(key).status == outcome
@@ -267,17 +270,11 @@ def test_earlier_runs_when_the_lookup_fails_say_why(
 ) -> None:
     key = str(uuid.uuid4())
     manager = TaskContextManager(KEY, key, agent_config)
-    with DatabaseConnection.get_instance().engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
-    try:
-        with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
-            assert manager.previous_runs() == []
-        said = [record.getMessage() for record in caplog.records if record.name.startswith("context_storage")]
-        assert len(said) == 1
-        assert said[0].startswith(f"earlier runs of task {key} not looked up: list tasks failed: ")
-    finally:
-        with DatabaseConnection.get_instance().engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
+        assert manager.previous_runs() == []
+    said = manager_said(caplog)
+    assert len(said) == 1
+    assert said[0].startswith(f"earlier runs of task {key} not looked up: list tasks failed: ")
 
 
 def test_statistics_kept_while_the_table_was_away_are_written_by_the_next_run(
@@ -286,15 +283,9 @@ def test_statistics_kept_while_the_table_was_away_are_written_by_the_next_run(
     key = str(uuid.uuid4())
     manager = _Recording(KEY, key, agent_config)
     manager.update_statistics(llm_calls=3)
-    engine = DatabaseConnection.get_instance().engine
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
-    try:
+    with tasks_table_away():
         manager.update_statistics(tokens=50)
         manager.fail("the LLM gave up")
-    finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
     assert manager.seen == [("failed", "the LLM gave up")]
     metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
     kept = metadata["unsaved"]
@@ -356,20 +347,13 @@ def test_increments_the_counters_refuse_at_the_end_are_dropped_and_the_task_stil
 ) -> None:
     key = str(uuid.uuid4())
     manager = TaskContextManager(KEY, key, agent_config)
-    engine = DatabaseConnection.get_instance().engine
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE tasks RENAME TO tasks_away")
-    try:
+    with tasks_table_away():
         manager.update_statistics(tokens=5)  # kept in memory: the table is away
-    finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
     TaskRepository().update_statistics(key, tokens=INT_MAX)  # another writer filled the counter meanwhile
-    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+    with caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
         manager.complete()
     amounts = {"llm_calls": 0, "tool_calls": 0, "tokens": 5, "compressions": 0}
-    said = [record.getMessage() for record in caplog.records if record.name.startswith("context_storage")]
-    assert f"task {key}: the counters cannot take {amounts}; dropped" in said
+    assert f"task {key}: the counters cannot take {amounts}; dropped" in manager_said(caplog)
     row = stored(key)
     assert (row.status, row.total_tokens) == ("completed", INT_MAX)
     assert manager.pending_statistics == dict.fromkeys(amounts, 0)

@@ -46,6 +46,19 @@ def agent_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -
     return {"context_storage": {"base_dir": str(tmp_path / "contexts")}, "llm": LLM, "database": database}
 
 
+def unreachable_database_config(tmp_path: Path, port: int, *, startup_timeout: float) -> dict[str, Any]:
+    """The agent's configuration with PostgreSQL on a port that refuses connections."""
+    return {
+        "context_storage": {"base_dir": str(tmp_path / "contexts")},
+        "llm": LLM,
+        "database": {
+            "type": "postgresql",
+            "postgresql": {"host": "127.0.0.1", "port": port},
+            "startup_timeout": startup_timeout,
+        },
+    }
+
+
 def stored(task_uuid: str) -> Task:
     task = TaskRepository().get_by_uuid(task_uuid)
     assert task is not None
@@ -191,15 +204,7 @@ def test_statistics_survive_a_database_outage(
 def test_a_database_down_at_start_is_not_waited_for_at_every_call(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, refused_port: int
 ) -> None:
-    config = {
-        "context_storage": {"base_dir": str(tmp_path / "contexts")},
-        "llm": LLM,
-        "database": {
-            "type": "postgresql",
-            "postgresql": {"host": "127.0.0.1", "port": refused_port},
-            "startup_timeout": 0.5,
-        },
-    }
+    config = unreachable_database_config(tmp_path, refused_port, startup_timeout=0.5)
     with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
         manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", 9), str(uuid.uuid4()), config)
         for _ in range(5):
