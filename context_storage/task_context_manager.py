@@ -91,8 +91,8 @@ class TaskContextManager:
         metadata = read_metadata(self.context_dir)
         # Statistics an earlier run could not write wait on disk until the database takes them.
         self._unsaved_on_disk = bool((metadata.get("unsaved") or {}).keys() - {"outcome"})
-        self._write_metadata(resumed=self.is_resumed)
-        self._register_or_update_task()
+        self._write_metadata(starting=True)
+        self._register_or_update_task(force=False)
         if self._registered and self._unsaved_on_disk:
             self._write("write kept statistics", None)
 
@@ -211,8 +211,8 @@ class TaskContextManager:
             "context_length": provider_config.get("context_length"),
         }
 
-    def _write_metadata(self, *, resumed: bool = False, **changes: Any) -> None:
-        """Create or update metadata.json with this process and `changes`; a resume clears the old outcome."""
+    def _write_metadata(self, *, starting: bool, **changes: Any) -> None:
+        """Create or update metadata.json with this process and `changes`; a start clears the old outcome."""
         metadata = read_metadata(self.context_dir) or {
             "uuid": self.uuid,
             "task_key": self.task_key.to_dict(),
@@ -220,8 +220,9 @@ class TaskContextManager:
             "user": self.user,
             "config": self._llm_settings(),
         }
-        if resumed:
-            # The task runs again: an outcome recorded or kept for the database is no longer its outcome.
+        if starting:
+            # The task runs (again, resumed or not): an outcome recorded or kept for the database is no longer
+            # its outcome, and `tasks reconcile` must not write it over this run's.
             metadata["status"] = "running"
             for key in ("completed_at", "error_message"):
                 metadata.pop(key, None)
@@ -231,7 +232,7 @@ class TaskContextManager:
         metadata.update(process_id=os.getpid(), hostname=socket.gethostname(), **changes)
         write_metadata(self.context_dir, metadata)
 
-    def _register_or_update_task(self, force: bool = False) -> None:
+    def _register_or_update_task(self, *, force: bool) -> None:
         now = datetime.now(UTC)
         resumed = {
             "status": "running",
@@ -275,7 +276,7 @@ class TaskContextManager:
         `force`: try to reach the database even within the pause after a failure (the task is ending).
         """
         if not self._registered:
-            self._register_or_update_task(force)
+            self._register_or_update_task(force=force)
         repository = self._repository_or_none(force) if self._registered else None
         if repository is None:
             logger.error("%s of task %s not written: the database is unavailable", operation, self.uuid)
@@ -346,7 +347,7 @@ class TaskContextManager:
                     "task %s already finished as %s; %s() leaves that outcome and the directory as they are",
                     self.uuid,
                     self._finished,
-                    {"completed": "complete", "stopped": "stop", "failed": "fail"}[status],
+                    _CALLED_AS[status],
                 )
                 if self._write("update_statistics", None, force=True) is not True and any(self._pending.values()):
                     keep_unsaved(self.context_dir, statistics=self._pending)
@@ -364,12 +365,12 @@ class TaskContextManager:
             self.before_finish(status, error_message)
         except Exception:
             logger.exception("the finishing step of task %s failed; the task finishes as %s", self.uuid, status)
-        written = self._write(status, action, force=True)
+        written = self._write(_CALLED_AS[status], action, force=True)
         completed_at = datetime.now(UTC).isoformat()
         changes: dict[str, Any] = {"status": status, "completed_at": completed_at}
         if error_message is not None:
             changes["error_message"] = error_message
-        self._write_metadata(**changes)
+        self._write_metadata(starting=False, **changes)
         # Kept on disk so that a resume or `tasks reconcile` writes them; the process may end right after this.
         outcome = None
         if written is not True:
@@ -396,6 +397,9 @@ class PreviousRun:
     task: Task
     context_dir: Path | None
 
+
+# The method that finishes a task as each final status, which names its write in the log.
+_CALLED_AS = {"completed": "complete", "stopped": "stop", "failed": "fail"}
 
 # What a write returns when the database refused the values (a counter would pass INTEGER): not worth retrying.
 _REFUSED = object()

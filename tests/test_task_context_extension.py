@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +19,10 @@ import pytest
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.jsonl_log import JsonlLog
-from context_storage.task_lock import TaskAlreadyRunningError
+from context_storage.task_lock import TaskAlreadyRunningError, TaskLock
 from db import DatabaseConnection, TaskRepository
 from db.models import INT_MAX
+from db.startup import start_database
 from tests.test_task_context_with_db import agent_config, stored, unreachable_database_config  # noqa: F401
 
 KEY = GitHubIssueTaskKey("acme", "web", 77)
@@ -36,6 +39,55 @@ def tasks_table_away() -> Iterator[None]:
     finally:
         with DatabaseConnection.get_instance().engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE tasks_away RENAME TO tasks")
+
+
+@contextmanager
+def counting_off() -> Iterator[None]:
+    """A trigger that fails every write to the counters (and nothing else) as a lost database would."""
+    engine = DatabaseConnection.get_instance().engine
+    columns = "llm_call_count, tool_call_count, total_tokens, compression_count"
+    if engine.dialect.name == "sqlite":
+        # The trigger calls a function that does not exist: an UPDATE of a counter fails when it is prepared.
+        install = [f"CREATE TRIGGER counting_off BEFORE UPDATE OF {columns} ON tasks BEGIN SELECT counting_off(); END"]
+        remove = ["DROP TRIGGER counting_off"]
+    else:
+        install = [
+            "CREATE FUNCTION counting_off() RETURNS trigger LANGUAGE plpgsql "
+            "AS $$ BEGIN RAISE EXCEPTION 'counting is off'; END $$",
+            f"CREATE TRIGGER counting_off BEFORE UPDATE OF {columns} ON tasks "
+            "FOR EACH ROW EXECUTE FUNCTION counting_off()",
+        ]
+        remove = ["DROP TRIGGER counting_off ON tasks", "DROP FUNCTION counting_off()"]
+    with engine.begin() as conn:
+        for statement in install:
+            conn.exec_driver_sql(statement)
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            for statement in remove:
+                conn.exec_driver_sql(statement)
+
+
+@pytest.fixture
+def tokyo_local_time() -> Iterator[None]:
+    """The process's local time zone set far from UTC, so that a time taken in local time shows."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def metadata_of(directory: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
+    return loaded
 
 
 def manager_said(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -97,7 +149,7 @@ def test_a_failing_finishing_step_never_stops_the_finishing(
         manager.stop()
     assert stored(key).status == "stopped"
     assert manager.context_dir.parent.name == "completed" and manager.context_dir.is_dir()
-    assert any("finishing step" in record.getMessage() for record in caplog.records)
+    assert f"the finishing step of task {key} failed; the task finishes as stopped" in manager_said(caplog)
 
 
 def test_every_earlier_run_has_its_files_where_inheritance_looks(agent_config: dict[str, Any]) -> None:  # noqa: F811
@@ -316,6 +368,7 @@ def test_a_new_task_starts_its_metadata_and_a_second_start_names_the_holder(
     assert metadata["uuid"] == key and metadata["user"] == "zoe"
     assert metadata["task_key"] == KEY.to_dict()
     assert (metadata["config"]["llm_provider"], metadata["config"]["model"]) == ("openai", "gpt-4o")
+    assert manager.get_message_store().config is agent_config
     assert metadata["process_id"] == os.getpid() and metadata["hostname"] == socket.gethostname()
     created = datetime.fromisoformat(metadata["created_at"])
     assert created.utcoffset() == timedelta(0) and before <= created <= datetime.now(UTC)
@@ -357,3 +410,172 @@ def test_increments_the_counters_refuse_at_the_end_are_dropped_and_the_task_stil
     row = stored(key)
     assert (row.status, row.total_tokens) == ("completed", INT_MAX)
     assert manager.pending_statistics == dict.fromkeys(amounts, 0)
+
+
+def test_a_task_the_database_missed_at_start_is_registered_when_it_finishes(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    start_database(agent_config)
+    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
+        manager = TaskContextManager(KEY, key, agent_config)
+    assert manager_said(caplog)[0].startswith(f"register of task {key} failed, the task goes on: ")
+    manager.update_statistics(tokens=7)  # within the pause after the failure: kept in memory
+    manager.complete()  # the end: tried again, registered, then written
+    row = stored(key)
+    assert (row.status, row.total_tokens) == ("completed", 7)
+    assert "unsaved" not in metadata_of(manager.context_dir)
+
+
+def test_an_outcome_the_database_missed_is_kept_even_with_nothing_else_pending(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
+        manager.fail("the build broke")
+    said = manager_said(caplog)
+    assert len(said) == 1
+    assert said[0].startswith(f"fail of task {key} failed, the task goes on: fail failed: ")
+    metadata = metadata_of(manager.context_dir)
+    assert metadata["unsaved"] == {
+        "outcome": {"status": "failed", "error_message": "the build broke", "completed_at": metadata["completed_at"]}
+    }
+    assert manager.pending_statistics == {"llm_calls": 0, "tool_calls": 0, "tokens": 0, "compressions": 0}
+    assert stored(key).status == "running"
+
+
+def test_a_second_finish_keeps_what_it_cannot_write_and_writes_what_it_can(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    zero = {"llm_calls": 0, "tool_calls": 0, "tokens": 0, "compressions": 0}
+    lost, written = str(uuid.uuid4()), str(uuid.uuid4())
+    manager = TaskContextManager(KEY, lost, agent_config)
+    manager.complete()
+    with tasks_table_away():
+        manager.update_statistics(tokens=5)
+        manager.stop()  # the table is still away: kept in the finished task's metadata.json
+    assert metadata_of(manager.context_dir)["unsaved"] == {"statistics": {**zero, "tokens": 5}}
+    assert manager.pending_statistics == zero
+    assert (stored(lost).status, stored(lost).total_tokens) == ("completed", 0)
+
+    manager = TaskContextManager(KEY, written, agent_config)
+    manager.complete()
+    with tasks_table_away():
+        manager.update_statistics(tokens=5)  # fails, and the pause after a failure begins
+    manager.fail("late")  # within that pause, but a finish: tried anyway, and the table is back
+    assert (stored(written).status, stored(written).total_tokens) == ("completed", 5)
+    assert "unsaved" not in metadata_of(manager.context_dir)
+    assert manager.pending_statistics == zero
+
+
+def test_statistics_the_counters_refused_at_start_are_written_once_they_take_them(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with tasks_table_away():
+        manager.update_statistics(tokens=40)
+        manager.fail("the LLM gave up")
+    with counting_off():
+        resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)  # the kept 40 are refused
+    resumed.complete()  # within the pause, but a finish: the kept 40 are tried again and taken
+    row = stored(key)
+    assert (row.status, row.total_tokens) == ("completed", 40)
+    assert "unsaved" not in metadata_of(resumed.context_dir)
+
+
+def test_an_outcome_waits_with_the_statistics_the_counters_refuse_and_both_land_once(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with tasks_table_away():
+        manager.update_statistics(tokens=40)
+        manager.fail("the LLM gave up")
+    with counting_off():
+        resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
+        resumed.complete()
+    # The row is finished only with its counters: until they are written, both wait in metadata.json.
+    row = stored(key)
+    assert (row.status, row.total_tokens) == ("running", 0)
+    outcome = metadata_of(resumed.context_dir)["unsaved"]["outcome"]
+    assert (outcome["status"], outcome["error_message"]) == ("completed", None)
+
+    TaskContextManager(KEY, key, agent_config, is_resumed=True).complete()
+    row = stored(key)
+    assert (row.status, row.total_tokens) == ("completed", 40)
+
+
+def test_a_start_without_resuming_drops_an_outcome_kept_from_the_earlier_run(
+    agent_config: dict[str, Any],  # noqa: F811
+) -> None:
+    base = Path(agent_config["context_storage"]["base_dir"])
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with tasks_table_away():
+        manager.fail("the LLM gave up")
+    # As if that process had died between keeping its outcome and moving its directory.
+    (base / "completed" / key).rename(base / "running" / key)
+    again = TaskContextManager(KEY, key, agent_config)
+    metadata = metadata_of(again.context_dir)
+    assert (metadata["status"], "error_message" in metadata, "unsaved" in metadata) == ("running", False, False)
+    again.complete()
+    assert stored(key).status == "completed"
+    assert "unsaved" not in metadata_of(again.context_dir)
+
+
+def test_a_start_without_resuming_leaves_the_earlier_files_and_finishes_beside_them(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    tokyo_local_time: None,
+) -> None:
+    base = Path(agent_config["context_storage"]["base_dir"])
+    key = str(uuid.uuid4())
+    first = TaskContextManager(KEY, key, agent_config)
+    first.get_message_store().add_message("user", "first run")
+    first.fail("boom")
+    again = TaskContextManager(KEY, key, agent_config)
+    assert again.context_dir == base / "running" / key
+    assert again.get_message_store().count_messages() == 0
+    row = stored(key)
+    assert (row.status, row.error_message, row.completed_at) == ("running", None, None)
+    before = datetime.now(UTC)
+    with caplog.at_level(logging.WARNING, logger=MANAGER_LOGGER):
+        again.complete()
+    after = datetime.now(UTC)
+    moved = again.context_dir
+    assert moved.parent == base / "completed"
+    assert manager_said(caplog) == [f"completed/{key} exists; moving task {key} to {moved}"]
+    stamp = re.fullmatch(rf"{key}-(\d{{8}}T\d{{12}})Z", moved.name)
+    assert stamp is not None, moved.name
+    moved_at = datetime.strptime(stamp[1], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC)
+    assert before <= moved_at <= after
+    assert metadata_of(moved)["status"] == "completed"
+    assert TaskContextManager(KEY, str(uuid.uuid4()), agent_config).previous_runs()[0].task.uuid == key
+    assert metadata_of(base / "completed" / key)["error_message"] == "boom"
+
+
+def test_a_second_start_names_whoever_last_worked_on_the_task(agent_config: dict[str, Any]) -> None:  # noqa: F811
+    base = Path(agent_config["context_storage"]["base_dir"])
+    key = str(uuid.uuid4())
+    (base / "completed" / key).mkdir(parents=True)
+    (base / "completed" / key / "metadata.json").write_text('{"process_id": 4242, "hostname": "build-7"}')
+    (base / "running" / key).mkdir(parents=True)
+    holder = TaskLock(base, key)
+    holder.acquire()
+    try:
+        # What running/ holds is unreadable, not an object, or names no process: completed/ is asked next.
+        for running in ("", "[1]", "{}", '{"process_id": 0}'):
+            (base / "running" / key / "metadata.json").write_text(running)
+            with pytest.raises(TaskAlreadyRunningError) as raised:
+                TaskContextManager(KEY, key, agent_config)
+            assert "is already being worked on (process 4242 on build-7);" in str(raised.value), running
+        (base / "completed" / key / "metadata.json").unlink()
+        with pytest.raises(TaskAlreadyRunningError) as raised:
+            TaskContextManager(KEY, key, agent_config)
+        assert f"task {key} is already being worked on; it can be" in str(raised.value)
+    finally:
+        holder.release()

@@ -205,17 +205,30 @@ def test_a_database_down_at_start_is_not_waited_for_at_every_call(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, refused_port: int
 ) -> None:
     config = unreachable_database_config(tmp_path, refused_port, startup_timeout=0.5)
+    key = str(uuid.uuid4())
     with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
-        manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", 9), str(uuid.uuid4()), config)
+        manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", 9), key, config)
         for _ in range(5):
             manager.get_message_store().add_message("user", "still working")
             manager.update_statistics(llm_calls=1, tokens=10)
-        starts = [record for record in caplog.records if "database unavailable" in record.getMessage()]
-        assert len(starts) == 1, "every call tried to start the database again"
+        assert manager.previous_runs() == []
+        said = [record.getMessage() for record in caplog.records]
+        assert said[0].startswith(f"database unavailable for task {key}, the task goes on: ")
+        assert "127.0.0.1" in said[0]
+        assert [message for message in said if "database unavailable" in message] == [said[0]], (
+            "a call within the pause tried to start the database again"
+        )
+        assert said[-1] == f"earlier runs of task {key} not looked up: the database is unavailable"
+        caplog.clear()
         manager.complete()  # the last chance: tried again even within the pause
-    starts = [record for record in caplog.records if "database unavailable" in record.getMessage()]
-    assert len(starts) == 2
+    said = [record.getMessage() for record in caplog.records]
+    assert said[0].startswith(f"database unavailable for task {key}, the task goes on: ")
+    assert said[1:] == [f"complete of task {key} not written: the database is unavailable"]
     assert manager.get_message_store().count_messages() == 5
+    assert manager.pending_statistics == {"llm_calls": 0, "tool_calls": 0, "tokens": 0, "compressions": 0}
     metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
     assert metadata["status"] == "completed"
-    assert metadata["unsaved"]["statistics"] == {"llm_calls": 5, "tool_calls": 0, "tokens": 50, "compressions": 0}
+    assert metadata["unsaved"] == {
+        "statistics": {"llm_calls": 5, "tool_calls": 0, "tokens": 50, "compressions": 0},
+        "outcome": {"status": "completed", "error_message": None, "completed_at": metadata["completed_at"]},
+    }
