@@ -40,6 +40,12 @@ class Setting:
     default: Any
     secret: bool = False
 
+    @property
+    def text(self) -> bool:
+        """Taken as written. YAML reads `password: 0123` as the number 83, so a number or a switch here is
+        refused rather than turned back into text."""
+        return self.default is None or isinstance(self.default, str)
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("type", "DATABASE_TYPE", ("database.type",), "sqlite"),
@@ -110,8 +116,7 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         if self.url is not None:
-            url = _parse_url(self.url, self._label("url"), self.sslmode, self.sslrootcert)
-            object.__setattr__(self, "type", url.get_backend_name())
+            object.__setattr__(self, "type", _parse_url(self.url, self._label("url")).get_backend_name())
         elif self.type not in SERVER_TYPES:
             self._fail("type", f"unknown database type {self.type!r}; allowed: {', '.join(SERVER_TYPES)}")
         if self.sslmode is not None and self.sslmode not in SSL_MODES:
@@ -273,8 +278,15 @@ class _Resolver:
             if source is not None and value is not None and (value != "" or setting.default is not None):
                 if isinstance(value, Mapping | list):
                     raise DatabaseConfigError(f"{source}: must be a single value, not a {type(value).__name__}")
+                if setting.text and isinstance(value, os.PathLike):
+                    value = os.fspath(value)
+                if setting.text and not isinstance(value, str):
+                    # The value itself is never shown: it may be a password.
+                    raise DatabaseConfigError(
+                        f"{source}: must be text, not a YAML {type(value).__name__}; put the value in quotes"
+                    )
                 self.sources[setting.field] = source
-                return value if isinstance(value, int | float | bool) else str(value)
+                return value
         self.sources[setting.field] = DEFAULT_SOURCE
         return setting.default
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -412,3 +413,113 @@ def test_a_yes_or_no_where_a_number_belongs_is_refused_as_such() -> None:
     with pytest.raises(DatabaseConfigError) as raised:
         DatabaseConfig.load(nested(pool={"size": True}), env={})
     assert str(raised.value) == "database.pool.size (config.yaml): must be an integer, got True"
+
+
+BUILT_WRONG = [
+    ({"type": "oracle"}, "type: unknown database type 'oracle'; allowed: sqlite, postgresql"),
+    (
+        {"sslmode": "sometimes"},
+        "sslmode: unknown sslmode 'sometimes'; allowed: disable, allow, prefer, require, verify-ca, verify-full",
+    ),
+    ({"url": "not a url"}, "url: not a valid database URL; expected dialect[+driver]://"),
+    ({"port": 0}, "port: must be an integer in 1..65535, got 0"),
+    ({"port": 65536}, "port: must be an integer in 1..65535, got 65536"),
+    ({"port": True}, "port: must be an integer in 1..65535, got True"),
+    ({"port": "5432"}, "port: must be an integer in 1..65535, got '5432'"),
+    ({"type": "postgresql", "name": ""}, "name: the database name must not be empty"),
+    ({"type": "postgresql", "host": ""}, "host: the host must not be empty"),
+    ({"sqlite_path": ""}, "sqlite_path: the SQLite path must not be empty"),
+    ({"pool": PoolConfig(size=0)}, "pool_size: must be an integer >= 1, got 0"),
+    ({"pool": PoolConfig(max_overflow=-1)}, "pool_max_overflow: must be an integer >= 0, got -1"),
+    ({"pool": PoolConfig(timeout=0)}, "pool_timeout: must be an integer > 0, got 0"),
+    ({"pool": PoolConfig(recycle=0)}, "pool_recycle: must be -1 (off) or an integer > 0, got 0"),
+    ({"pool": PoolConfig(recycle=True)}, "pool_recycle: must be -1 (off) or an integer > 0, got True"),
+    ({"connect_timeout": 0}, "connect_timeout: must be an integer > 0, got 0"),
+    ({"connect_timeout": True}, "connect_timeout: must be an integer > 0, got True"),
+    ({"sqlite_backups_kept": 0}, "sqlite_backups_kept: must be an integer >= 1, got 0"),
+    ({"slow_query_ms": -1}, "slow_query_ms: must be an integer >= 0 (0 logs every statement), got -1"),
+    ({"startup_timeout": float("inf")}, "startup_timeout: must be a finite number of seconds >= 0, got inf"),
+    ({"retry_timeout": -0.5}, "retry_timeout: must be a finite number of seconds >= 0, got -0.5"),
+    ({"statement_timeout": "30"}, "statement_timeout: must be a finite number of seconds >= 0, got '30'"),
+    ({"lock_timeout": False}, "lock_timeout: must be a finite number of seconds >= 0, got False"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BUILT_WRONG, ids=[str(fields) for fields, _ in BUILT_WRONG])
+def test_a_config_built_in_code_is_checked_and_names_the_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(DatabaseConfigError) as caught:
+        DatabaseConfig(**fields)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"port": 1},
+        {"port": 65535},
+        {"type": "sqlite", "name": "", "host": ""},
+        {"type": "postgresql", "sqlite_path": ""},
+        {"url": "sqlite:///elsewhere.db", "sqlite_path": ""},
+        {"pool": PoolConfig(size=1, max_overflow=0, timeout=1, recycle=1)},
+        {"pool": PoolConfig(recycle=-1)},
+        {"connect_timeout": 1, "sqlite_backups_kept": 1, "slow_query_ms": 0},
+        {"startup_timeout": 0, "retry_timeout": 0.0, "statement_timeout": 1e9, "lock_timeout": 0},
+    ],
+    ids=str,
+)
+def test_the_edges_of_each_range_are_accepted(fields: dict[str, Any]) -> None:
+    config = DatabaseConfig(**fields)
+    for name, value in fields.items():
+        assert getattr(config, name) == value
+
+
+def test_a_ca_file_reaches_a_postgresql_url_that_names_none() -> None:
+    config = DatabaseConfig(url="postgresql://u@h/db", sslmode="verify-full", sslrootcert="/etc/ca.pem")
+    assert dict(config.sqlalchemy_url.query) == {"sslmode": "verify-full", "sslrootcert": "/etc/ca.pem"}
+    named = DatabaseConfig(url="postgresql://u@h/db?sslrootcert=/own.pem", sslrootcert="/etc/ca.pem")
+    assert dict(named.sqlalchemy_url.query) == {"sslrootcert": "/own.pem"}
+
+
+def test_without_an_env_argument_the_process_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_PORT", "6543")
+    config = DatabaseConfig.load({})
+    assert (config.port, config.sources["port"]) == (6543, "DATABASE_PORT (environment)")
+
+
+@pytest.mark.parametrize(
+    ("document", "source", "kind"),
+    [
+        (nested(postgresql={"password": 83}), "database.postgresql.password", "int"),  # `password: 0123`
+        (nested(password=True), "database.password", "bool"),  # `password: yes`
+        (nested(postgresql={"user": 1000}), "database.postgresql.user", "int"),
+        (nested(postgresql={"name": date(2024, 1, 2)}), "database.postgresql.name", "date"),
+        (nested(postgresql={"host": 10.5}), "database.postgresql.host", "float"),
+        (nested(sqlite={"path": 7}), "database.sqlite.path", "int"),
+        (nested(type=1), "database.type", "int"),
+    ],
+)
+def test_a_yaml_value_that_is_not_text_where_text_belongs_is_refused_unseen(
+    document: dict[str, Any], source: str, kind: str
+) -> None:
+    with pytest.raises(DatabaseConfigError) as caught:
+        DatabaseConfig.load(document, env={})
+    assert str(caught.value) == f"{source} (config.yaml): must be text, not a YAML {kind}; put the value in quotes"
+
+
+def test_a_path_given_in_code_is_taken_as_its_text(tmp_path: Path) -> None:
+    document = nested(sqlite={"path": tmp_path / "tasks.db"}, sslrootcert=tmp_path / "ca.pem")
+    config = DatabaseConfig.load(document, env={})
+    assert (config.sqlite_path, config.sslrootcert) == (str(tmp_path / "tasks.db"), str(tmp_path / "ca.pem"))
+
+
+def test_numbers_and_switches_may_be_written_as_text_or_not() -> None:
+    config = DatabaseConfig.load(
+        nested(postgresql={"port": "6543", "user": "1000"}, pool={"size": 7.0}, echo="on", startup_timeout=2), env={}
+    )
+    assert (config.port, config.user, config.pool.size, config.echo, config.startup_timeout) == (
+        6543,
+        "1000",
+        7,
+        True,
+        2.0,
+    )

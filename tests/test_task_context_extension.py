@@ -410,6 +410,7 @@ def test_increments_the_counters_refuse_at_the_end_are_dropped_and_the_task_stil
     row = stored(key)
     assert (row.status, row.total_tokens) == ("completed", INT_MAX)
     assert manager.pending_statistics == dict.fromkeys(amounts, 0)
+    assert "unsaved" not in metadata_of(manager.context_dir)
 
 
 def test_a_task_the_database_missed_at_start_is_registered_when_it_finishes(
@@ -579,3 +580,22 @@ def test_a_second_start_names_whoever_last_worked_on_the_task(agent_config: dict
         assert f"task {key} is already being worked on; it can be" in str(raised.value)
     finally:
         holder.release()
+
+
+def test_statistics_kept_on_disk_wait_quietly_when_the_database_is_missed_at_start(
+    agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = str(uuid.uuid4())
+    manager = TaskContextManager(KEY, key, agent_config)
+    with tasks_table_away():
+        manager.update_statistics(tokens=9)
+        manager.fail("the LLM gave up")
+    caplog.clear()
+    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
+        resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
+    said = manager_said(caplog)
+    assert len(said) == 1 and said[0].startswith(f"register of task {key} failed, the task goes on: "), said
+    resumed.complete()
+    row = stored(key)
+    assert (row.status, row.total_tokens) == ("completed", 9)

@@ -232,3 +232,12 @@ def test_a_database_down_at_start_is_not_waited_for_at_every_call(
         "statistics": {"llm_calls": 5, "tool_calls": 0, "tokens": 50, "compressions": 0},
         "outcome": {"status": "completed", "error_message": None, "completed_at": metadata["completed_at"]},
     }
+    manager.update_statistics(tokens=1)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="context_storage.task_context_manager"):
+        manager.stop()  # a second finish: its statistics are kept beside the outcome
+    said = [record.getMessage() for record in caplog.records]
+    assert said[1:] == [f"update_statistics of task {key} not written: the database is unavailable"]
+    metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["unsaved"]["statistics"]["tokens"] == 51
+    assert metadata["unsaved"]["outcome"]["status"] == "completed"
