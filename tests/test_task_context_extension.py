@@ -474,14 +474,21 @@ def test_a_second_finish_keeps_what_it_cannot_write_and_writes_what_it_can(
 
 def test_statistics_the_counters_refused_at_start_are_written_once_they_take_them(
     agent_config: dict[str, Any],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     key = str(uuid.uuid4())
     manager = TaskContextManager(KEY, key, agent_config)
-    with tasks_table_away():
+    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
         manager.update_statistics(tokens=40)
         manager.fail("the LLM gave up")
-    with counting_off():
+    assert manager_said(caplog)[0].startswith(
+        f"update_statistics of task {key} failed, the task goes on: update_statistics failed: "
+    )
+    caplog.clear()
+    with counting_off(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
         resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)  # the kept 40 are refused
+    said = manager_said(caplog)
+    assert len(said) == 1 and said[0].startswith(f"write kept statistics of task {key} failed, the task goes on: ")
     resumed.complete()  # within the pause, but a finish: the kept 40 are tried again and taken
     row = stored(key)
     assert (row.status, row.total_tokens) == ("completed", 40)
