@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy.engine import URL
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
-from db import DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
+from db import Base, DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
 from db.errors import DatabaseConfigError
 from db.schema import upgrade_schema
-from tests.conftest import task_data
+from tests.conftest import task_data, url_config
 from tests.postgres_server import PostgresServer
 from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
 from tests.test_task_model import EXPECTED_INDEXES
@@ -120,6 +121,17 @@ def lose_the_answer(connection: DatabaseConnection, statement: str) -> None:
         lose_the_answer_to_commit(connection.engine)
 
 
+def drop_before_sending(engine: Engine, prefix: str) -> None:
+    """The connection drops just before the next statement starting with `prefix` leaves: it never runs."""
+    state = {"left": 1}
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def drop(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if state["left"] and statement.lstrip().upper().startswith(prefix):
+            state["left"] -= 1
+            connection.connection.dbapi_connection.close()
+
+
 def count_statements(engine: Engine, prefix: str) -> list[str]:
     seen: list[str] = []
 
@@ -178,6 +190,29 @@ def test_a_delete_whose_answer_was_lost_is_looked_up(connection: DatabaseConnect
     lose_the_answer(connection, "DELETE")
     assert repo.delete(task.uuid) is True
     assert len(deletes) == 1 and repo.get_by_uuid(task.uuid) is None
+
+
+def test_a_delete_that_never_left_is_sent_again(connection: DatabaseConnection, repo: TaskRepository) -> None:
+    task = repo.create(task_data())
+    deletes = count_statements(connection.engine, "DELETE")
+    drop_before_sending(connection.engine, "DELETE")
+    assert repo.delete(task.uuid) is True
+    assert len(deletes) == 2 and repo.get_by_uuid(task.uuid) is None
+
+
+def test_an_increment_whose_commit_never_left_is_sent_again_once(postgres_url: URL) -> None:
+    connection = DatabaseConnection.initialize(url_config(postgres_url))
+    Base.metadata.drop_all(connection.engine)
+    connection.create_tables()
+    repo = TaskRepository(connection)
+    task = repo.create(task_data())
+    updates = count_statements(connection.engine, "UPDATE")
+    drop_before_sending(connection.engine, "COMMIT")
+    # The server rolled the transaction back when the connection went: asked, it says so, and it is redone.
+    assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
+    assert len(updates) == 2
+    found = repo.get_by_uuid(task.uuid)
+    assert found is not None and (found.llm_call_count, found.total_tokens) == (1, 5)
 
 
 # Start-up retry: a server that comes up inside the window is reached

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
 
-from db import DatabaseConfig, DatabaseConnection, unit_of_work
+from db import Base, DatabaseConfig, DatabaseConnection, PoolConfig, Task, TaskRepository, unit_of_work
 from db.errors import DatabaseError
 from db.unit_of_work import (
     _connection_lost,
@@ -20,7 +26,9 @@ from db.unit_of_work import (
     _known_rolled_back,
     is_transient_error,
     postgresql_transaction_committed,
+    run_in_transaction,
 )
+from tests.conftest import task_data, url_config
 
 
 def _raised(engine: Engine, statement: str) -> DBAPIError:
@@ -163,3 +171,125 @@ def test_a_transactions_outcome_is_looked_up_on_the_server(
             open_one.exec_driver_sql("ROLLBACK")
     finally:
         connection.dispose()
+
+
+def tasks_on_the_server(postgres_url: URL, **overrides: Any) -> DatabaseConnection:
+    """The suite's own database on the server, with an empty tasks table, reached with these settings."""
+    connection = DatabaseConnection.initialize(url_config(postgres_url, **overrides))
+    Base.metadata.drop_all(connection.engine)
+    connection.create_tables()
+    return connection
+
+
+def test_a_statement_timeout_and_a_value_the_driver_cannot_send_are_not_transient(server_engine: Engine) -> None:
+    with server_engine.connect() as conn:
+        conn.exec_driver_sql("SET statement_timeout = '50ms'")
+        with pytest.raises(DBAPIError) as raised:
+            conn.exec_driver_sql("SELECT pg_sleep(5)")
+    cancelled = raised.value
+    # psycopg2 files a cancelled statement with the connection errors; its SQLSTATE says it is not one.
+    assert getattr(cancelled.orig, "pgcode", None) == "57014" and isinstance(cancelled, OperationalError)
+    assert not is_transient_error(cancelled) and not _connection_lost(cancelled)
+
+    with pytest.raises(DBAPIError) as raised, server_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT %(value)s", {"value": object()})
+    unsendable = raised.value
+    assert getattr(unsendable.orig, "pgcode", None) is None  # refused by the driver, before the server
+    assert not is_transient_error(unsendable) and not _connection_lost(unsendable)
+
+
+def test_an_exhausted_pool_is_reported_at_once_naming_the_operation(postgres_url: URL) -> None:
+    connection = DatabaseConnection(url_config(postgres_url, pool=PoolConfig(size=1, max_overflow=0, timeout=1)))
+    try:
+        with connection.engine.connect(), pytest.raises(DatabaseError) as raised:
+            TaskRepository(connection).get_by_uuid(str(uuid.uuid4()))
+    finally:
+        connection.engine.dispose()
+    assert str(raised.value).startswith("get task failed: TimeoutError: QueuePool limit of size 1 overflow 0 reached")
+    exhausted = raised.value.__cause__
+    assert isinstance(exhausted, PoolTimeoutError)
+    assert not is_transient_error(exhausted) and not _connection_lost(exhausted) and not _known_rolled_back(exhausted)
+
+
+def test_a_lock_held_past_the_retry_window_fails_naming_the_operation(
+    postgres_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    connection = tasks_on_the_server(postgres_url, lock_timeout=0.2, retry_timeout=0.6)
+    repository = TaskRepository(connection)
+    task = repository.create(task_data())
+    holder = create_engine(postgres_url)
+    try:
+        with holder.connect() as conn:
+            conn.exec_driver_sql("SELECT 1 FROM tasks WHERE uuid = %(key)s FOR UPDATE", {"key": task.uuid})
+            with caplog.at_level(logging.WARNING, logger="db"), pytest.raises(DatabaseError) as raised:
+                repository.complete(task.uuid)
+            conn.rollback()
+    finally:
+        holder.dispose()
+    assert str(raised.value).startswith("complete failed: LockNotAvailable: ")
+    said = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert re.fullmatch(r"complete: failed \(LockNotAvailable: [^)]+\); retrying", said[0]), said
+    # Then tenacity's own attempts, each logged before its pause, until the window closes.
+    assert len(said) >= 2
+    for line in said[1:]:
+        assert re.fullmatch(r"complete: attempt \d+ failed \(LockNotAvailable: [^)]+\); retrying in \d+\.\d\ds", line)
+    found = repository.get_by_uuid(task.uuid)
+    assert found is not None and found.status == "running"
+
+
+@pytest.mark.parametrize("lasting", ["a missing table", "a refused value"])
+def test_after_a_transient_failure_a_lasting_one_is_raised_at_once(
+    server_engine: Engine, postgres_url: URL, lasting: str
+) -> None:
+    connection = DatabaseConnection(url_config(postgres_url, retry_timeout=5))
+    calls: list[int] = []
+
+    def work(session: Session) -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            session.execute(text("SELECT * FROM transient_probe FOR UPDATE NOWAIT"))  # locked: 55P03
+        elif lasting == "a missing table":
+            session.execute(text("SELECT * FROM nowhere"))
+        else:
+            raise ValueError("refused")
+
+    expected = DatabaseError if lasting == "a missing table" else ValueError
+    try:
+        with server_engine.connect() as holder:
+            holder.exec_driver_sql("BEGIN")
+            holder.exec_driver_sql("SELECT * FROM transient_probe FOR UPDATE")
+            try:
+                with pytest.raises(expected):
+                    run_in_transaction(connection, work, "probe")
+            finally:
+                holder.exec_driver_sql("ROLLBACK")
+    finally:
+        connection.engine.dispose()
+    assert calls == [0, 1]
+
+
+def test_work_safe_to_redo_still_runs_as_one_transaction(postgres_url: URL) -> None:
+    connection = tasks_on_the_server(postgres_url)
+    repository = TaskRepository(connection)
+    task = repository.create(task_data(model="before"))
+
+    def work(session: Session) -> None:
+        session.execute(update(Task).where(Task.uuid == task.uuid).values(model="halfway"))
+        session.execute(text("SELECT * FROM nowhere"))
+
+    with pytest.raises(DatabaseError, match=r"^two statements failed: "):
+        run_in_transaction(connection, work, "two statements", redo_safe=True)
+    found = repository.get_by_uuid(task.uuid)
+    assert found is not None and found.model == "before"
+
+
+def test_an_increment_leaves_its_connection_to_transactions_again(postgres_url: URL) -> None:
+    connection = tasks_on_the_server(postgres_url, pool=PoolConfig(size=1, max_overflow=0))
+    repository = TaskRepository(connection)
+    task = repository.create(task_data())
+    # Sent with the driver in autocommit (BEGIN travels with the UPDATE): the pool must get it back without.
+    for key, landed in ((task.uuid, True), (str(uuid.uuid4()), False)):
+        assert repository.update_statistics(key, tokens=5) is landed
+        with connection.engine.connect() as conn:
+            driver = conn.connection.dbapi_connection
+            assert driver is not None and driver.autocommit is False  # type: ignore[attr-defined]

@@ -317,11 +317,13 @@ class TaskRepository:
         key = canonical_uuid(uuid)
         statement = delete(Task).where(Task.uuid == key)
         # On PostgreSQL one statement in autocommit; if its answer is lost, a task no longer there was deleted.
+        # `found` is None there (the answer never came): only the row can tell, as it can after a lost COMMIT of
+        # a DELETE that found the row; one that found none changed nothing.
         deleted = run_in_transaction(
             self._connection,
             lambda session: _rowcount(session.execute(statement)) > 0,
             "delete task",
-            committed=lambda found: not found or self.get_by_uuid(key) is None,
+            committed=lambda found: found is False or self.get_by_uuid(key) is None,
             single_statement=True,
         )
         return self._report(deleted is not False, "delete", key)
