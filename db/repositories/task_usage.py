@@ -88,12 +88,10 @@ class TaskUsageQuery:
         """Today, this week, this month and all-time tokens per user, the month's largest first."""
         periods = Periods.around(_now(now), time_zone(zone))
 
+        # Each group has a row and total_tokens is NOT NULL: no sum here is ever NULL.
         def within(bounds: tuple[datetime, datetime]) -> ColumnElement[int]:
             start, end = (literal(moment, UTCDateTime()) for moment in bounds)
-            return func.coalesce(
-                func.sum(case((and_(Task.created_at >= start, Task.created_at < end), Task.total_tokens), else_=0)),
-                0,
-            )
+            return func.sum(case((and_(Task.created_at >= start, Task.created_at < end), Task.total_tokens), else_=0))
 
         statement = (
             select(
@@ -101,7 +99,7 @@ class TaskUsageQuery:
                 within(periods.today),
                 within(periods.week),
                 within(periods.month),
-                func.coalesce(func.sum(Task.total_tokens), 0),
+                func.sum(Task.total_tokens),
             )
             .where(_user_condition(user))
             .group_by(Task.user)
