@@ -128,12 +128,9 @@ def _with_retries(connection: DatabaseConnection, once: Callable[[], T], descrip
         **retry_policy(connection.config.retry_timeout, 0.05, 2, description),
     )
     try:
-        for attempt in retrying:
-            with attempt:
-                return once()
+        return retrying(once)
     except _FailedBeforeCommitError as failure:
         _raise_failure(failure, description)
-    raise AssertionError("unreachable: tenacity either returns or raises")
 
 
 def _raise_failure(failure: _FailedBeforeCommitError, description: str) -> NoReturn:

@@ -283,13 +283,21 @@ def test_work_safe_to_redo_still_runs_as_one_transaction(postgres_url: URL) -> N
     assert found is not None and found.model == "before"
 
 
-def test_an_increment_leaves_its_connection_to_transactions_again(postgres_url: URL) -> None:
+def test_an_increment_leaves_its_connection_to_transactions_again(server_engine: Engine, postgres_url: URL) -> None:
     connection = tasks_on_the_server(postgres_url, pool=PoolConfig(size=1, max_overflow=0))
     repository = TaskRepository(connection)
     task = repository.create(task_data())
-    # Sent with the driver in autocommit (BEGIN travels with the UPDATE): the pool must get it back without.
+    with connection.engine.connect() as conn:
+        backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    # Sent with the driver in autocommit (BEGIN travels with the UPDATE): the pool must get it back without,
+    # and with no transaction left open on the server, even when the UPDATE found no row to commit.
     for key, landed in ((task.uuid, True), (str(uuid.uuid4()), False)):
         assert repository.update_statistics(key, tokens=5) is landed
+        with server_engine.connect() as observer:
+            state = observer.exec_driver_sql(
+                "SELECT state FROM pg_stat_activity WHERE pid = %(pid)s", {"pid": backend}
+            ).scalar_one()
+        assert state == "idle", landed
         with connection.engine.connect() as conn:
             driver = conn.connection.dbapi_connection
             assert driver is not None and driver.autocommit is False  # type: ignore[attr-defined]
