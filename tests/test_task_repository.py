@@ -427,3 +427,44 @@ def test_increments_to_a_missing_task_leave_the_connection_clean(
     assert repo.update_statistics(task.uuid, llm_calls=2) is True
     stored = repo.get_by_uuid(task.uuid)
     assert stored is not None and stored.llm_call_count == 2
+
+
+def test_keyset_pages_walk_through_tasks_created_at_the_same_instant(repo: TaskRepository) -> None:
+    instant = datetime(2026, 3, 1, tzinfo=UTC)
+    tied = sorted(repo.create(task_data(created_at=instant)).uuid for _ in range(4))
+    older = repo.create(task_data(created_at=instant - timedelta(seconds=1))).uuid
+    walked: list[str] = []
+    page = repo.list_tasks(limit=1)
+    while page:
+        walked.append(page[0].uuid)
+        page = repo.list_tasks(limit=1, after=walked[-1])
+    assert walked == [*tied, older]  # newest first, ties by uuid, none skipped or repeated
+
+
+def test_counts_name_every_status_even_without_tasks(repo: TaskRepository) -> None:
+    assert repo.count_by_status() == dict.fromkeys((status.value for status in TaskStatus), 0)
+    repo.create(task_data(status="failed"))
+    assert repo.count_by_status() == {**dict.fromkeys((status.value for status in TaskStatus), 0), "failed": 1}
+
+
+@pytest.mark.parametrize(
+    ("limit", "offset", "message"),
+    [
+        (0, 0, "limit must be an integer 1..1000, got 0"),
+        (1001, 0, "limit must be an integer 1..1000, got 1001"),
+        (True, 0, "limit must be an integer 1..1000, got True"),
+        (10, -1, "offset must be an integer >= 0, got -1"),
+        (10, "5", "offset must be an integer >= 0, got '5'"),
+    ],
+)
+def test_a_page_out_of_bounds_is_refused_saying_what_is_allowed(
+    repo: TaskRepository, limit: Any, offset: Any, message: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        repo.list_tasks(limit=limit, offset=offset)
+    assert str(raised.value) == message
+
+
+def test_the_largest_page_is_allowed(repo: TaskRepository) -> None:
+    repo.create(task_data())
+    assert len(repo.list_tasks(limit=1000, offset=0)) == 1

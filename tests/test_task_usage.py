@@ -422,3 +422,10 @@ def test_a_year_with_two_offset_changes_counts_every_day_in_its_own_offset(
     assert {entry.day: entry.tokens for entry in daily if entry.tokens} == {
         day: 10**index for index, day in enumerate(days)
     }
+
+
+def test_a_single_day_is_today_alone(repo: TaskRepository, connection: DatabaseConnection) -> None:
+    repo.create(task_data(user="kai", created_at=NOW - timedelta(minutes=1), total_tokens=4))
+    repo.create(task_data(user="kai", created_at=NOW - timedelta(days=1), total_tokens=9))
+    daily = TaskUsageQuery(connection).daily(days=1, now=NOW)
+    assert [(entry.day, entry.tokens) for entry in daily] == [(NOW.date(), 4)]
