@@ -94,16 +94,22 @@ def _toml_list(values: list[str]) -> str:
 def _server_for_the_tests(needed: bool) -> Iterator[dict[str, str]]:
     """The environment of the run: TEST_DATABASE_URL naming a server when the part needs one."""
     env = dict(os.environ)
-    if not needed or env.get("TEST_DATABASE_URL"):
+    if not needed:
         yield env
         return
+    from tests.conftest import TEST_DATABASE
     from tests.postgres_server import start_postgres
 
-    server = start_postgres(need_cluster=True)
+    server = start_postgres(need_cluster=not env.get("TEST_DATABASE_URL"))
+    listed = f"SELECT datname FROM pg_database WHERE datname LIKE '{TEST_DATABASE}\\_%'"
+    before = {row[0] for row in server.execute_admin(listed)}
     try:
         env["TEST_DATABASE_URL"] = server.url.render_as_string(hide_password=False)
         yield env
     finally:
+        # Tests stopped at a mutant's first failure, or at its timeout, leave the databases they made.
+        left = sorted({row[0] for row in server.execute_admin(listed)} - before)
+        server.execute_admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in left))
         server.stop()
 
 
