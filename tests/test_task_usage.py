@@ -429,3 +429,14 @@ def test_a_single_day_is_today_alone(repo: TaskRepository, connection: DatabaseC
     repo.create(task_data(user="kai", created_at=NOW - timedelta(days=1), total_tokens=9))
     daily = TaskUsageQuery(connection).daily(days=1, now=NOW)
     assert [(entry.day, entry.tokens) for entry in daily] == [(NOW.date(), 4)]
+
+
+def test_the_instant_a_zone_turns_back_at_midnight_belongs_to_the_longer_day(
+    repo: TaskRepository, connection: DatabaseConnection
+) -> None:
+    # Santiago went from 00:00 (-03) back to 23:00 (-04) on 7 April 2024: 6 April had 25 hours.
+    turn = datetime(2024, 4, 7, 3, 0, tzinfo=UTC)
+    for moment, tokens in ((turn - timedelta(microseconds=1), 1), (turn, 10), (turn + timedelta(hours=1), 100)):
+        repo.create(task_data(user="noa", created_at=moment, total_tokens=tokens))
+    daily = TaskUsageQuery(connection).daily(days=2, zone="America/Santiago", now=turn + timedelta(hours=2))
+    assert [(entry.day, entry.tokens) for entry in daily] == [(date(2024, 4, 6), 11), (date(2024, 4, 7), 100)]

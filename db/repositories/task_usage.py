@@ -173,8 +173,9 @@ def _local_day(spans: list[tuple[datetime, int]], postgresql: bool) -> ColumnEle
         if postgresql:
             moment = func.timezone("UTC", Task.created_at) + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
             return cast(moment, Date)
-        # Stored as fixed-width UTC ISO-8601 text, which SQLite's date() reads.
-        return func.date(Task.created_at, f"{seconds:+d} seconds")
+        # Stored as fixed-width UTC ISO-8601 text, which SQLite's date() reads. Its whole seconds only: date()
+        # rounds to the millisecond, which would put 23:59:59.9996 on the next day.
+        return func.date(func.substr(Task.created_at, 1, 19), f"{seconds:+d} seconds")
 
     if len(spans) == 1:
         return shifted(spans[0][1])
