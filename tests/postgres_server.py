@@ -13,6 +13,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +91,25 @@ def find_bindir() -> Path | None:
     return Path(initdb).resolve().parent if initdb else None
 
 
+# Run beside each throwaway cluster: once the process that started the cluster is gone, however it ended (a run
+# killed at a timeout, a second Ctrl-C), it stops the server and removes its directory. It learns of that end
+# from a pipe whose writing end only that process holds: reading it returns nothing once no one does.
+_WATCHDOG = """
+import os, pwd, shutil, subprocess, sys
+lifeline, pg_ctl, data, root, run_as = int(sys.argv[1]), *sys.argv[2:6]
+while os.read(lifeline, 1):
+    pass
+who = {}
+if run_as:
+    entry = pwd.getpwnam(run_as)
+    who = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+if os.path.exists(data):
+    stop = [pg_ctl, "stop", "-D", data, "-m", "immediate", "-w"]
+    subprocess.run(stop, capture_output=True, timeout=120, check=False, **who)
+shutil.rmtree(root, ignore_errors=True)
+"""
+
+
 class ThrowawayCluster:
     """A private PostgreSQL cluster in a temporary directory; `restart` is there for fault tests."""
 
@@ -101,6 +121,21 @@ class ThrowawayCluster:
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self.port = 0
+        self._lifeline: int | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+
+    def _watch(self) -> None:
+        reading, self._lifeline = os.pipe()
+        arguments = [str(reading), str(self.bindir / "pg_ctl"), str(self.data), str(self.root), self.run_as or ""]
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, *arguments],
+            pass_fds=(reading,),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(reading)
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
@@ -123,6 +158,7 @@ class ThrowawayCluster:
         return result
 
     def start(self) -> URL:
+        self._watch()
         if self.run_as is not None:
             entry = pwd.getpwnam(self.run_as)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -204,6 +240,12 @@ class ThrowawayCluster:
             pass
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self._lifeline is not None:
+                os.close(self._lifeline)
+                self._lifeline = None
+            if self._watchdog is not None:
+                self._watchdog.wait(timeout=30)
+                self._watchdog = None
 
 
 def _docker_engine_answers() -> bool:
