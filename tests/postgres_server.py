@@ -7,6 +7,7 @@ running as root, since initdb and pg_ctl refuse root), removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -244,7 +245,9 @@ class ThrowawayCluster:
                 os.close(self._lifeline)
                 self._lifeline = None
             if self._watchdog is not None:
-                self._watchdog.wait(timeout=30)
+                # It ends at once, unless a process forked from this one still holds the pipe: it ends with that.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._watchdog.wait(timeout=10)
                 self._watchdog = None
 
 
