@@ -156,13 +156,18 @@ def db_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> D
     return url_config(request.getfixturevalue("postgres_url"))
 
 
+def empty_tasks_table(config: DatabaseConfig) -> DatabaseConnection:
+    """The connection initialised with `config`, on an empty schema (the autouse fixture resets it)."""
+    conn = DatabaseConnection.initialize(config)
+    Base.metadata.drop_all(conn.engine)
+    conn.create_tables()
+    return conn
+
+
 @pytest.fixture
 def connection(db_config: DatabaseConfig) -> Iterator[DatabaseConnection]:
     """An initialised connection on an empty schema."""
-    conn = DatabaseConnection.initialize(db_config)
-    Base.metadata.drop_all(conn.engine)
-    conn.create_tables()
-    yield conn
+    yield empty_tasks_table(db_config)
     DatabaseConnection.reset()
 
 

@@ -12,6 +12,7 @@ that need PostgreSQL get a throwaway cluster, or the server `TEST_DATABASE_URL` 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -81,13 +82,9 @@ def _copy_of_the_project(name: str, part: Part) -> Path:
         "pytest_add_cli_args": part.pytest_args,
         "pytest_add_cli_args_test_selection": list(part.tests),
     }
-    table = "\n".join(["[tool.mutmut]", *kept, *(f"{key} = {_toml_list(value)}" for key, value in settings.items())])
+    table = "\n".join(["[tool.mutmut]", *kept, *(f"{key} = {json.dumps(value)}" for key, value in settings.items())])
     (copy / "pyproject.toml").write_text(pyproject.replace(section[0], table + "\n\n"), encoding="utf-8")
     return copy
-
-
-def _toml_list(values: list[str]) -> str:
-    return "[" + ", ".join('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' for value in values) + "]"
 
 
 @contextmanager
@@ -113,16 +110,12 @@ def _server_for_the_tests(needed: bool) -> Iterator[dict[str, str]]:
         server.stop()
 
 
-def _mutmut(copy: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    command = [str(Path(sys.executable).with_name("mutmut")), *args]
-    if args[0] == "run":
-        subprocess.run(command, cwd=copy, env=env, check=False)
-        return ""
-    return subprocess.run(command, cwd=copy, env=env, check=True, capture_output=True, text=True).stdout
+MUTMUT = str(Path(sys.executable).with_name("mutmut"))
 
 
 def _statuses(copy: Path) -> dict[str, str]:
-    lines = _mutmut(copy, "results", "--all", "true").splitlines()
+    results = [MUTMUT, "results", "--all", "true"]
+    lines = subprocess.run(results, cwd=copy, check=True, capture_output=True, text=True).stdout.splitlines()
     return dict(line.strip().rsplit(": ", 1) for line in lines if ": " in line)
 
 
@@ -140,7 +133,8 @@ def main() -> None:
         if not names:
             raise SystemExit("no survivors to run again")
     with _server_for_the_tests(part.server) as env:
-        _mutmut(copy, "run", "--max-children", str(arguments.max_children), *names, env=env)
+        run = [MUTMUT, "run", "--max-children", str(arguments.max_children), *names]
+        subprocess.run(run, cwd=copy, env=env, check=False)
     statuses = _statuses(copy)
     for module in part.mutated:
         prefix = module.removesuffix(".py").replace("/", ".") + "."

@@ -18,10 +18,10 @@ from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.engine import URL
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
-from db import Base, DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
 from db.errors import DatabaseConfigError
 from db.schema import upgrade_schema
-from tests.conftest import task_data, url_config
+from tests.conftest import empty_tasks_table, task_data, url_config
 from tests.postgres_server import PostgresServer
 from tests.test_task_context_with_db import LLM, agent_config, stored  # noqa: F401
 from tests.test_task_model import EXPECTED_INDEXES
@@ -201,9 +201,7 @@ def test_a_delete_that_never_left_is_sent_again(connection: DatabaseConnection, 
 
 
 def test_an_increment_whose_commit_never_left_is_sent_again_once(postgres_url: URL) -> None:
-    connection = DatabaseConnection.initialize(url_config(postgres_url))
-    Base.metadata.drop_all(connection.engine)
-    connection.create_tables()
+    connection = empty_tasks_table(url_config(postgres_url))
     repo = TaskRepository(connection)
     task = repo.create(task_data())
     updates = count_statements(connection.engine, "UPDATE")

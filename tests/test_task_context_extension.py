@@ -90,6 +90,16 @@ def metadata_of(directory: Path) -> dict[str, Any]:
     return loaded
 
 
+def failed_while_the_table_was_away(config: dict[str, Any], tokens: int = 0) -> TaskContextManager:
+    """A new task that counted `tokens` and failed while the tasks table was away: metadata.json keeps both."""
+    manager = TaskContextManager(KEY, str(uuid.uuid4()), config)
+    with tasks_table_away():
+        if tokens:
+            manager.update_statistics(tokens=tokens)
+        manager.fail("the LLM gave up")
+    return manager
+
+
 def manager_said(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == MANAGER_LOGGER]
 
@@ -476,11 +486,8 @@ def test_statistics_the_counters_refused_at_start_are_written_once_they_take_the
     agent_config: dict[str, Any],  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    key = str(uuid.uuid4())
-    manager = TaskContextManager(KEY, key, agent_config)
-    with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
-        manager.update_statistics(tokens=40)
-        manager.fail("the LLM gave up")
+    with caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
+        key = failed_while_the_table_was_away(agent_config, tokens=40).uuid
     assert manager_said(caplog)[0].startswith(
         f"update_statistics of task {key} failed, the task goes on: update_statistics failed: "
     )
@@ -498,11 +505,7 @@ def test_statistics_the_counters_refused_at_start_are_written_once_they_take_the
 def test_an_outcome_waits_with_the_statistics_the_counters_refuse_and_both_land_once(
     agent_config: dict[str, Any],  # noqa: F811
 ) -> None:
-    key = str(uuid.uuid4())
-    manager = TaskContextManager(KEY, key, agent_config)
-    with tasks_table_away():
-        manager.update_statistics(tokens=40)
-        manager.fail("the LLM gave up")
+    key = failed_while_the_table_was_away(agent_config, tokens=40).uuid
     with counting_off():
         resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)
         resumed.complete()
@@ -521,10 +524,7 @@ def test_a_start_without_resuming_drops_an_outcome_kept_from_the_earlier_run(
     agent_config: dict[str, Any],  # noqa: F811
 ) -> None:
     base = Path(agent_config["context_storage"]["base_dir"])
-    key = str(uuid.uuid4())
-    manager = TaskContextManager(KEY, key, agent_config)
-    with tasks_table_away():
-        manager.fail("the LLM gave up")
+    key = failed_while_the_table_was_away(agent_config).uuid
     # As if that process had died between keeping its outcome and moving its directory.
     (base / "completed" / key).rename(base / "running" / key)
     again = TaskContextManager(KEY, key, agent_config)
@@ -593,11 +593,7 @@ def test_statistics_kept_on_disk_wait_quietly_when_the_database_is_missed_at_sta
     agent_config: dict[str, Any],  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    key = str(uuid.uuid4())
-    manager = TaskContextManager(KEY, key, agent_config)
-    with tasks_table_away():
-        manager.update_statistics(tokens=9)
-        manager.fail("the LLM gave up")
+    key = failed_while_the_table_was_away(agent_config, tokens=9).uuid
     caplog.clear()
     with tasks_table_away(), caplog.at_level(logging.ERROR, logger=MANAGER_LOGGER):
         resumed = TaskContextManager(KEY, key, agent_config, is_resumed=True)

@@ -9,7 +9,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text, update
@@ -18,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
-from db import Base, DatabaseConfig, DatabaseConnection, PoolConfig, Task, TaskRepository, unit_of_work
+from db import DatabaseConfig, DatabaseConnection, PoolConfig, Task, TaskRepository, unit_of_work
 from db.errors import DatabaseError
 from db.unit_of_work import (
     _connection_lost,
@@ -28,7 +27,7 @@ from db.unit_of_work import (
     postgresql_transaction_committed,
     run_in_transaction,
 )
-from tests.conftest import task_data, url_config
+from tests.conftest import empty_tasks_table, task_data, url_config
 
 
 def _raised(engine: Engine, statement: str) -> DBAPIError:
@@ -173,14 +172,6 @@ def test_a_transactions_outcome_is_looked_up_on_the_server(
         connection.dispose()
 
 
-def tasks_on_the_server(postgres_url: URL, **overrides: Any) -> DatabaseConnection:
-    """The suite's own database on the server, with an empty tasks table, reached with these settings."""
-    connection = DatabaseConnection.initialize(url_config(postgres_url, **overrides))
-    Base.metadata.drop_all(connection.engine)
-    connection.create_tables()
-    return connection
-
-
 def test_a_statement_timeout_and_a_value_the_driver_cannot_send_are_not_transient(server_engine: Engine) -> None:
     with server_engine.connect() as conn:
         conn.exec_driver_sql("SET statement_timeout = '50ms'")
@@ -214,7 +205,7 @@ def test_an_exhausted_pool_is_reported_at_once_naming_the_operation(postgres_url
 def test_a_lock_held_past_the_retry_window_fails_naming_the_operation(
     postgres_url: URL, caplog: pytest.LogCaptureFixture
 ) -> None:
-    connection = tasks_on_the_server(postgres_url, lock_timeout=0.2, retry_timeout=0.6)
+    connection = empty_tasks_table(url_config(postgres_url, lock_timeout=0.2, retry_timeout=0.6))
     repository = TaskRepository(connection)
     task = repository.create(task_data())
     holder = create_engine(postgres_url)
@@ -269,7 +260,7 @@ def test_after_a_transient_failure_a_lasting_one_is_raised_at_once(
 
 
 def test_work_safe_to_redo_still_runs_as_one_transaction(postgres_url: URL) -> None:
-    connection = tasks_on_the_server(postgres_url)
+    connection = empty_tasks_table(url_config(postgres_url))
     repository = TaskRepository(connection)
     task = repository.create(task_data(model="before"))
 
@@ -284,7 +275,7 @@ def test_work_safe_to_redo_still_runs_as_one_transaction(postgres_url: URL) -> N
 
 
 def test_an_increment_leaves_its_connection_to_transactions_again(server_engine: Engine, postgres_url: URL) -> None:
-    connection = tasks_on_the_server(postgres_url, pool=PoolConfig(size=1, max_overflow=0))
+    connection = empty_tasks_table(url_config(postgres_url, pool=PoolConfig(size=1, max_overflow=0)))
     repository = TaskRepository(connection)
     task = repository.create(task_data())
     with connection.engine.connect() as conn:
