@@ -8,7 +8,9 @@ from context_storage.task_key import (
     GitHubPullRequestTaskKey,
     GitLabIssueTaskKey,
     GitLabMergeRequestTaskKey,
+    SupportsToDict,
     TaskKey,
+    as_task_key,
     task_key_from_dict,
 )
 from context_storage.task_lock import TaskAlreadyRunningError
@@ -22,9 +24,11 @@ __all__ = [
     "MessageStore",
     "PreviousRun",
     "SummaryStore",
+    "SupportsToDict",
     "TaskAlreadyRunningError",
     "TaskContextManager",
     "TaskKey",
     "ToolStore",
+    "as_task_key",
     "task_key_from_dict",
 ]

@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from typing import Any
 from context_storage.message_store import MessageStore
 from context_storage.metadata_file import read_metadata, sync_directory, write_metadata
 from context_storage.summary_store import SummaryStore
-from context_storage.task_key import TaskKey
+from context_storage.task_key import SupportsToDict, as_task_key
 from context_storage.task_lock import TaskLock
 from context_storage.tool_store import ToolStore
 from context_storage.unsaved import STATISTICS, keep_unsaved, resolve_in_flight, write_unsaved_statistics
@@ -48,7 +49,7 @@ class TaskContextManager:
 
     def __init__(
         self,
-        task_key: TaskKey,
+        task_key: SupportsToDict,
         task_uuid: str,
         config: dict[str, Any],
         user: str | None = None,
@@ -57,7 +58,7 @@ class TaskContextManager:
     ) -> None:
         # Checked before any file is touched: the uuid names the task's directory.
         self.uuid = canonical_uuid(task_uuid)
-        self.task_key = task_key
+        self.task_key = as_task_key(task_key)
         self.config = config
         self.user = user
         self.is_resumed = is_resumed
@@ -69,25 +70,46 @@ class TaskContextManager:
         self._lock = threading.RLock()
         for directory in (self.running_dir, self.completed_dir):
             make_private_dirs(directory)
-        self._task_lock = TaskLock(self.base_dir, self.uuid)
-        self._task_lock.acquire(self._holder())
-        try:
-            self._start(repository)
-        except BaseException:
-            self._task_lock.release()
-            raise
-
-    def _start(self, repository: TaskRepository | None) -> None:
-        finished_dir = self.completed_dir / self.uuid
-        if self.is_resumed and not self.context_dir.exists() and finished_dir.exists():
-            shutil.move(finished_dir, self.context_dir)
-        make_private_dirs(self.context_dir)
-        self._open_stores()
+        task_lock = TaskLock(self.base_dir, self.uuid)
+        task_lock.acquire(self._holder())
+        self._claim = _Claim(task_lock, dict.fromkeys(STATISTICS, 0), self.context_dir)
+        self._pending = self._claim.pending
         self._repository = repository
-        self._pending = dict.fromkeys(STATISTICS, 0)
         self._registered = False
         self._finished: str | None = None
+        self._closed = False
         self._start_again_at = 0.0
+        self._start_failed = False
+        try:
+            self._start()
+        except BaseException:
+            self._claim.let_go()
+            raise
+        # A manager dropped without finishing or closing (an agent's pause path) lets go of its task.
+        self._abandoned = weakref.finalize(self, self._claim.let_go)
+
+    def _start(self) -> None:
+        finished_dir = self.completed_dir / self.uuid
+        brought_back = self.is_resumed and not self.context_dir.exists() and finished_dir.exists()
+        if brought_back:
+            shutil.move(finished_dir, self.context_dir)
+        created = not self.context_dir.exists()
+        earlier = None if created else read_metadata(self.context_dir)
+        try:
+            make_private_dirs(self.context_dir)
+            self._open_stores()
+            self._begin()
+        except BaseException:
+            # A task that never started leaves its files as they were: none, or the earlier run's.
+            if created:
+                shutil.rmtree(self.context_dir, ignore_errors=True)
+            elif earlier:
+                write_metadata(self.context_dir, earlier)
+            if brought_back and self.context_dir.exists():
+                shutil.move(self.context_dir, finished_dir)
+            raise
+
+    def _begin(self) -> None:
         metadata = read_metadata(self.context_dir)
         # Statistics an earlier run could not write wait on disk until the database takes them.
         self._unsaved_on_disk = bool((metadata.get("unsaved") or {}).keys() - {"outcome"})
@@ -119,6 +141,7 @@ class TaskContextManager:
     def update_status(self, status: str, error_message: str | None = None) -> None:
         """Record a status change (and any statistics still pending)."""
         with self._lock:
+            self._refuse_if_closed("update_status")
             self._write("update_status", lambda repo: repo.update_status(self.uuid, status, error_message))
 
     def update_statistics(
@@ -134,6 +157,7 @@ class TaskContextManager:
             if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= INT_MAX:
                 raise ValueError(f"{name} must be an integer in 0..{INT_MAX}, got {amount!r}")
         with self._lock:
+            self._refuse_if_closed("update_statistics")
             for name, amount in amounts.items():
                 self._pending[name] += amount
             if self._write("update_statistics", None) is _REFUSED:
@@ -191,7 +215,7 @@ class TaskContextManager:
         try:
             runs = repository.find_previous(self.task_key, statuses=statuses, since=since, limit=limit + 1)
         except DatabaseError as exc:
-            logger.error("earlier runs of task %s not looked up: %s", self.uuid, exc)
+            logger.error("earlier runs of task %s not looked up: %s", self.uuid, str(exc))
             return []
         found = []
         for task in runs:
@@ -295,7 +319,7 @@ class TaskContextManager:
                 if operation == "update_statistics":
                     return _REFUSED
                 logger.error("task %s: the counters cannot take %s; dropped", self.uuid, amounts)
-                self._pending = dict.fromkeys(STATISTICS, 0)
+                self._pending.update(dict.fromkeys(STATISTICS, 0))
             elif written is not True:
                 return False
             else:
@@ -311,15 +335,17 @@ class TaskContextManager:
     def _attempt(self, operation: str, call: Callable[[], object]) -> object:
         """True when the call succeeded; False when the database failed or the row was missing (the
         repository said False); _REFUSED when the values were refused. The task goes on in every case."""
+        # Errors are logged as text: a handler that keeps records would keep an exception's traceback, its
+        # frames and this manager alive, and a dropped manager must let go of its task.
         try:
             return call() is not False
         except ValueError as exc:
-            logger.error("%s of task %s refused: %s", operation, self.uuid, exc)
+            logger.error("%s of task %s refused: %s", operation, self.uuid, str(exc))
             return _REFUSED
         except DatabaseError as exc:
             # A lost database: do not make every following call wait out the retry again.
             self._start_again_at = time.monotonic() + START_AGAIN_AFTER_SECONDS
-            logger.error("%s of task %s failed, the task goes on: %s", operation, self.uuid, exc)
+            logger.error("%s of task %s failed, the task goes on: %s", operation, self.uuid, str(exc))
             return False
 
     def _repository_or_none(self, force: bool = False) -> TaskRepository | None:
@@ -328,18 +354,46 @@ class TaskContextManager:
             if paused and not force:
                 return None
             try:
-                self._repository = TaskRepository(start_database(self.config))
+                # Only the first start waits out DATABASE_STARTUP_TIMEOUT; after a failed one, one attempt.
+                wait = 0.0 if self._start_failed else None
+                self._repository = TaskRepository(start_database(self.config, startup_timeout=wait))
             except DatabaseError as exc:
+                self._start_failed = True
                 self._start_again_at = time.monotonic() + START_AGAIN_AFTER_SECONDS
-                logger.error("database unavailable for task %s, the task goes on: %s", self.uuid, exc)
+                logger.error("database unavailable for task %s, the task goes on: %s", self.uuid, str(exc))
                 return None
             return self._repository
         if paused and not (force and self._repository.ping()):
             return None
         return self._repository
 
+    def close(self) -> None:
+        """Let go of the task without finishing it (an agent pausing it, say): statistics still pending are
+        written (one quick check of the database) or kept in metadata.json, the lock is released so that a new
+        manager can resume the task, and the status stays as it is. Closing again, or after a finish, does
+        nothing more; any other call on a closed manager raises RuntimeError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._finished is None and any(self._pending.values()):
+                self._write("update_statistics", None, force=True)
+            self._abandoned.detach()
+            self._claim.let_go()
+
+    def __enter__(self) -> TaskContextManager:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        self.close()
+
+    def _refuse_if_closed(self, called: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"task {self.uuid}: {called}() on a closed manager; start a new one to go on")
+
     def _finish(self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]) -> None:
         with self._lock:
+            self._refuse_if_closed(_CALLED_AS[status])
             if self._finished is not None:
                 # A second finish (say, complete() in a finally after fail()): the first outcome stands and the
                 # directory stays where it is; statistics still pending are written.
@@ -351,12 +405,12 @@ class TaskContextManager:
                 )
                 if self._write("update_statistics", None, force=True) is not True and any(self._pending.values()):
                     keep_unsaved(self.context_dir, statistics=self._pending)
-                    self._pending = dict.fromkeys(STATISTICS, 0)
+                    self._pending.update(dict.fromkeys(STATISTICS, 0))
                 return
             try:
                 self._finish_locked(status, error_message, action)
             finally:
-                self._task_lock.release()
+                self._claim.lock.release()
 
     def _finish_locked(
         self, status: str, error_message: str | None, action: Callable[[TaskRepository], object]
@@ -377,7 +431,7 @@ class TaskContextManager:
             outcome = {"status": status, "error_message": error_message, "completed_at": completed_at}
         if outcome is not None or any(self._pending.values()):
             keep_unsaved(self.context_dir, statistics=self._pending, outcome=outcome)
-            self._pending = dict.fromkeys(STATISTICS, 0)
+            self._pending.update(dict.fromkeys(STATISTICS, 0))
         target = self.completed_dir / self.uuid
         if target.exists():
             target = self.completed_dir / f"{self.uuid}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
@@ -385,9 +439,39 @@ class TaskContextManager:
         if self.context_dir.exists():
             shutil.move(self.context_dir, target)
             sync_directory(self.completed_dir)
-        self.context_dir = target
+        self.context_dir = self._claim.context_dir = target
         self._finished = status
         self._open_stores()
+
+
+@dataclass
+class _Claim:
+    """What a manager holds until it finishes or lets go: the task's lock, and the statistics not yet written
+    with the directory they belong to. Apart from the manager, so that letting go needs no manager (it may be
+    being garbage-collected)."""
+
+    lock: TaskLock
+    pending: dict[str, int]
+    context_dir: Path
+
+    def let_go(self) -> None:
+        """Keep what is pending in metadata.json (or say what is lost if the directory is gone), then unlock."""
+        if any(self.pending.values()):
+            amounts = dict(self.pending)
+            if (self.context_dir / "metadata.json").is_file():
+                keep_unsaved(self.context_dir, statistics=amounts)
+                logger.warning(
+                    "task %s let go with statistics not written; kept in %s", self.lock.path.stem, self.context_dir
+                )
+            else:
+                logger.error(
+                    "task %s let go with statistics %s not written and its directory %s gone; they are lost",
+                    self.lock.path.stem,
+                    amounts,
+                    self.context_dir,
+                )
+            self.pending.update(dict.fromkeys(STATISTICS, 0))
+        self.lock.release()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 
 @dataclass(frozen=True)
@@ -106,19 +106,42 @@ class GitLabMergeRequestTaskKey(_TaskKey):
 
 
 TaskKey = GitHubIssueTaskKey | GitHubPullRequestTaskKey | GitLabIssueTaskKey | GitLabMergeRequestTaskKey
-_KEY_TYPES: dict[str, Any] = {
-    key.TYPE: key
-    for key in (GitHubIssueTaskKey, GitHubPullRequestTaskKey, GitLabIssueTaskKey, GitLabMergeRequestTaskKey)
-}
+_KEY_CLASSES = (GitHubIssueTaskKey, GitHubPullRequestTaskKey, GitLabIssueTaskKey, GitLabMergeRequestTaskKey)
+_KEY_TYPES: dict[str, Any] = {key.TYPE: key for key in _KEY_CLASSES}
+
+
+class SupportsToDict(Protocol):
+    """Any task key that describes itself as a dict: this package's keys, and the agent's own."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def task_key_from_dict(data: dict[str, Any]) -> TaskKey:
-    """The key that `data` (a `to_dict()` result) describes."""
+    """The key that `data` (a `to_dict()` result) describes; ValueError naming what is wrong."""
     key_type = data.get("type")
     if key_type not in _KEY_TYPES:
         raise ValueError(f"unknown task key type {key_type!r}; allowed: {', '.join(_KEY_TYPES)}")
-    key: TaskKey = _KEY_TYPES[key_type].from_dict(data)
+    try:
+        key: TaskKey = _KEY_TYPES[key_type].from_dict(data)
+    except KeyError as exc:
+        raise ValueError(f"a task key of type {key_type!r} needs {exc.args[0]!r}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"a task key of type {key_type!r} needs a whole number, got {data!r}") from None
     return key
+
+
+def as_task_key(key: SupportsToDict) -> TaskKey:
+    """`key` as one of this package's keys: itself, or the key its `to_dict()` describes (the agent's own
+    key classes, which have `to_dict()` but not `task_fields()`)."""
+    if isinstance(key, _KEY_CLASSES):
+        return key
+    to_dict = getattr(key, "to_dict", None)
+    if not callable(to_dict):
+        raise TypeError(f"a task key needs a to_dict() method; got {type(key).__name__}")
+    data = to_dict()
+    if not isinstance(data, dict):
+        raise TypeError(f"{type(key).__name__}.to_dict() must return a dict, got {type(data).__name__}")
+    return task_key_from_dict(data)
 
 
 def _expect_type(expected: str, data: dict[str, Any]) -> None:

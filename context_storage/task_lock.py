@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import weakref
 from pathlib import Path
 
 from db.private_files import make_private_dirs, open_private
@@ -17,37 +18,63 @@ class TaskAlreadyRunningError(RuntimeError):
 class TaskLock:
     """`<base_dir>/locks/<uuid>.lock`, held with flock for as long as a manager works on the task.
 
-    The lock file stays outside the task's directory, which moves; it is never removed (removing it could
-    let two holders lock two different files). A process that dies, however it dies, releases it.
+    The lock file stays outside the task's directory, which moves. It exists only while the lock is held: the
+    holder removes it as it lets go, and a taker checks after locking that the file it locked still has the
+    path's name (else another holder removed it meanwhile, and it locks the new one), so two holders can never
+    lock two different files. A process that dies, however it dies, releases the lock; a lock object that is
+    garbage-collected releases it too.
     """
 
     def __init__(self, base_dir: Path, task_uuid: str) -> None:
         self.path = base_dir / "locks" / f"{task_uuid}.lock"
-        self._descriptor: int | None = None
+        self._release: weakref.finalize[[Path, int, int], TaskLock] | None = None
 
     @property
     def held(self) -> bool:
-        return self._descriptor is not None
+        return self._release is not None and self._release.alive
 
     def acquire(self, describe_holder: str = "") -> None:
         """Take the lock at once, or raise TaskAlreadyRunningError."""
-        if self._descriptor is not None:
+        if self.held:
             return
         make_private_dirs(self.path.parent)
-        descriptor = open_private(self.path, os.O_RDWR)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            descriptor = open_private(self.path, os.O_RDWR)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                holder = f" ({describe_holder})" if describe_holder else ""
+                raise TaskAlreadyRunningError(
+                    f"task {self.path.stem} is already being worked on{holder}; it can be taken over once that "
+                    "process has ended or its manager is closed"
+                ) from None
+            if _names(self.path, descriptor):
+                break
             os.close(descriptor)
-            holder = f" ({describe_holder})" if describe_holder else ""
-            raise TaskAlreadyRunningError(
-                f"task {self.path.stem} is already being worked on{holder}; it can be taken over once that "
-                "process has ended"
-            ) from None
-        self._descriptor = descriptor
+        self._release = weakref.finalize(self, _let_go, self.path, descriptor, os.getpid())
 
     def release(self) -> None:
-        if self._descriptor is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._descriptor)
-            self._descriptor = None
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+def _names(path: Path, descriptor: int) -> bool:
+    """True if `path` still names the file open at `descriptor`."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _let_go(path: Path, descriptor: int, owner_pid: int) -> None:
+    # A forked child inherits the descriptor but not the lock's ownership: only the process that took it
+    # removes the file (while still holding it, so that nobody locks the name in between).
+    if os.getpid() == owner_pid:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        os.close(descriptor)

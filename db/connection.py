@@ -115,8 +115,11 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
 
     def connect() -> sqlite3.Connection:
         # The path reaches SQLite as an encoded URI, never through a URL's parsing. A reader opens the file
-        # read-write but writes nothing and sets no journal mode: see `sqlite_uri` for why not read-only.
-        return connect_sqlite(path, read_only=False, timeout=timeout, check_same_thread=False)
+        # read-write but writes nothing and sets no journal mode (see `sqlite_uri` for why not read-only),
+        # unless its directory cannot be written (a read-only mount of the agent's contexts/), where SQLite
+        # could not make the WAL index that a read-write open needs.
+        cannot_write = read_only and not os.access(path.parent, os.W_OK)
+        return connect_sqlite(path, read_only=cannot_write, timeout=timeout, check_same_thread=False)
 
     engine = create_engine(url, echo=config.echo, creator=connect)
     _configure_sqlite(engine, journal=not read_only, read_only=read_only)
@@ -182,11 +185,14 @@ class DatabaseConnection:
         self.session_factory = scoped_session(sessionmaker(bind=self.engine, expire_on_commit=False))
 
     @classmethod
-    def initialize(cls, config: DatabaseConfig | None = None, *, read_only: bool = False) -> DatabaseConnection:
+    def initialize(
+        cls, config: DatabaseConfig | None = None, *, read_only: bool = False, startup_timeout: float | None = None
+    ) -> DatabaseConnection:
         """Create the process's connection (once), after checking that the database answers.
 
         `read_only`: for commands that only read; see `build_engine`. A read-write connection already
-        initialised serves readers too.
+        initialised serves readers too. `startup_timeout`: how long to wait for the database, instead of
+        the configured one.
         """
         with cls._lock:
             if cls._instance is not None:
@@ -199,7 +205,7 @@ class DatabaseConnection:
                 return cls._instance
             instance = cls(config if config is not None else DatabaseConfig.load(), read_only=read_only)
             try:
-                instance.wait_until_available()
+                instance.wait_until_available(startup_timeout)
             except BaseException:
                 instance.dispose()
                 raise
@@ -235,10 +241,14 @@ class DatabaseConnection:
             instance.engine.dispose(close=False)
             instance.session_factory.registry.clear()
 
-    def wait_until_available(self) -> None:
-        """Retry a trivial query with exponential backoff until it works or `startup_timeout` runs out."""
+    def wait_until_available(self, seconds: float | None = None) -> None:
+        """Retry a trivial query with exponential backoff until it works or `seconds` (by default the
+        configured startup timeout; 0 for one attempt) run out."""
         started = time.monotonic()
-        seconds = self.config.startup_timeout if self.config.backend != "sqlite" else 0
+        if self.config.backend == "sqlite":
+            seconds = 0
+        elif seconds is None:
+            seconds = self.config.startup_timeout
         retrying = Retrying(
             retry=retry_if_exception_type(DBAPIError),
             **retry_policy(seconds, 0.25, 5, f"connecting to {self.config.safe_url}"),

@@ -31,12 +31,26 @@ def prepare_schema(connection: DatabaseConnection, environment: str) -> SchemaSt
 
 
 def start_database(
-    config: Mapping[str, Any] | str | None = None, env: Mapping[str, str] | None = None
+    config: Mapping[str, Any] | str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    startup_timeout: float | None = None,
 ) -> DatabaseConnection:
-    """Load the settings, initialise the process's connection and prepare the schema for APP_ENV."""
+    """Load the settings, initialise the process's connection and prepare the schema for APP_ENV.
+
+    Once initialised, the process's connection is returned; a `config` naming another database raises
+    RuntimeError (one database per process: `DatabaseConnection.reset()` first). `startup_timeout`: wait at
+    most this long for the database instead of the configured DATABASE_STARTUP_TIMEOUT (0: one attempt).
+    """
     environment = app_environment(env)
     if DatabaseConnection.is_initialized():
-        return DatabaseConnection.get_instance()
-    connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env))
+        connection = DatabaseConnection.get_instance()
+        if config is not None and DatabaseConfig.load(config, env) != connection.config:
+            raise RuntimeError(
+                f"this process's database is already initialised with {connection.config.safe_url}, and this "
+                "configuration names another; one process uses one database (DatabaseConnection.reset() first)"
+            )
+        return connection
+    connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env), startup_timeout=startup_timeout)
     prepare_schema(connection, environment)
     return connection

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +37,17 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def agent_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """A configuration as the agent passes it: context storage, the LLM, the database."""
+def agent_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A configuration as the agent passes it: context storage, the LLM, the database. Managers the test left
+    unfinished let go of their tasks at its end, not in the middle of another test."""
     database: dict[str, Any] = {"type": "sqlite", "sqlite": {"path": "tasks.db"}}
     if backend == "postgresql":
         request.getfixturevalue("blank_connection")
         DatabaseConnection.reset()
         url: URL = request.getfixturevalue("postgres_url")
         database = {"url": url.render_as_string(hide_password=False)}
-    return {"context_storage": {"base_dir": str(tmp_path / "contexts")}, "llm": LLM, "database": database}
+    yield {"context_storage": {"base_dir": str(tmp_path / "contexts")}, "llm": LLM, "database": database}
+    gc.collect()
 
 
 def unreachable_database_config(tmp_path: Path, port: int, *, startup_timeout: float) -> dict[str, Any]:
