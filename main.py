@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from tqdm import tqdm
 
@@ -28,6 +28,7 @@ from db.backup import backup_database, restore_database
 from db.config import SETTINGS, load_base_dir
 from db.connection import describe_driver_error
 from db.data_migration import MAX_BATCH, migrate_data
+from db.redaction import redact_secrets
 from db.repositories.task_repository import MAX_PAGE, PREVIOUS_STATUSES
 from db.repositories.task_usage import MAX_DAYS
 from db.schema import SchemaState, require_current_schema, schema_state, upgrade_schema
@@ -248,7 +249,7 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
     connection = _read(args)
     tasks = TaskRepository(connection).list_tasks(status=args.status, user=args.user, limit=args.limit)
     if args.json:
-        print(json.dumps([task.to_dict() for task in tasks], ensure_ascii=False, indent=2))
+        print(json.dumps([_shown(task) for task in tasks], ensure_ascii=False, indent=2))
         return 0
     _print_table(
         ("uuid", "status", "task", "user", "created_at", "llm", "tools", "tokens"),
@@ -275,7 +276,7 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
     if task is None:
         print(f"error: no task {args.uuid}", file=sys.stderr)
         return EXIT_ERROR
-    data = task.to_dict()
+    data = _shown(task)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2))
     else:
@@ -399,6 +400,14 @@ def _print_bars(rows: Sequence[tuple[str, int]], width: int = 40) -> None:
         eighths = round(value / largest * width * 8) if largest else 0
         bar = "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
         print(f"{label}  {bar:<{width}}  {value:,}")
+
+
+def _shown(task: Task) -> dict[str, Any]:
+    """The task's fields as they may be shown: any secret in its stored error masked, as the dashboard does."""
+    data = task.to_dict()
+    if data.get("error_message"):
+        data["error_message"] = redact_secrets(data["error_message"])
+    return data
 
 
 def _describe_task(task: Task) -> str:
