@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class TaskContextManager:
         self._closed = False
         self._start_again_at = 0.0
         self._start_failed = False
+        self._row_touched = False
         try:
             self._start()
         except BaseException:
@@ -100,14 +101,22 @@ class TaskContextManager:
             self._open_stores()
             self._begin()
         except BaseException:
-            # A task that never started leaves its files as they were: none, or the earlier run's.
-            if created:
-                shutil.rmtree(self.context_dir, ignore_errors=True)
-            elif earlier:
-                write_metadata(self.context_dir, earlier)
-            if brought_back and self.context_dir.exists():
-                shutil.move(self.context_dir, finished_dir)
+            # A task that never reached its row leaves its files as they were: none, or the earlier run's. One
+            # that did leaves them as the row has them, as a crash at that point would (`tasks reconcile`).
+            if not self._row_touched:
+                self._put_back(created, earlier, finished_dir if brought_back else None)
             raise
+
+    def _put_back(self, created: bool, earlier: dict[str, Any] | None, finished_dir: Path | None) -> None:
+        if created:
+            shutil.rmtree(self.context_dir, ignore_errors=True)
+            return
+        if earlier:
+            write_metadata(self.context_dir, earlier)
+        else:
+            (self.context_dir / "metadata.json").unlink(missing_ok=True)
+        if finished_dir is not None:
+            shutil.move(self.context_dir, finished_dir)
 
     def _begin(self) -> None:
         metadata = read_metadata(self.context_dir)
@@ -130,12 +139,15 @@ class TaskContextManager:
         return ""
 
     def get_message_store(self) -> MessageStore:
+        self._refuse_if_closed("get_message_store")
         return self.message_store
 
     def get_summary_store(self) -> SummaryStore:
+        self._refuse_if_closed("get_summary_store")
         return self.summary_store
 
     def get_tool_store(self) -> ToolStore:
+        self._refuse_if_closed("get_tool_store")
         return self.tool_store
 
     def update_status(self, status: str, error_message: str | None = None) -> None:
@@ -207,6 +219,7 @@ class TaskContextManager:
         """Earlier runs of this task's issue or merge request (this run excluded), most recently completed
         first, each with the directory holding its files (None if it is gone). `expiry_days`: only runs
         completed within that many days. Empty, with a logged error, while the database is unavailable."""
+        self._refuse_if_closed("previous_runs")
         repository = self._repository_or_none()
         if repository is None:
             logger.error("earlier runs of task %s not looked up: the database is unavailable", self.uuid)
@@ -276,6 +289,7 @@ class TaskContextManager:
         }
 
         def register(repo: TaskRepository) -> None:
+            self._row_touched = True
             if self._unsaved_on_disk:
                 # Before this run writes the row: did increments sent by a crashed run land?
                 resolve_in_flight(self.context_dir, self.uuid, repo)
@@ -371,7 +385,7 @@ class TaskContextManager:
         """Let go of the task without finishing it (an agent pausing it, say): statistics still pending are
         written (one quick check of the database) or kept in metadata.json, the lock is released so that a new
         manager can resume the task, and the status stays as it is. Closing again, or after a finish, does
-        nothing more; any other call on a closed manager raises RuntimeError."""
+        nothing more; a write, a store or a lookup asked of a closed manager raises RuntimeError."""
         with self._lock:
             if self._closed:
                 return
@@ -453,16 +467,20 @@ class _Claim:
     lock: TaskLock
     pending: dict[str, int]
     context_dir: Path
+    owner_pid: int = field(default_factory=os.getpid)
 
     def let_go(self) -> None:
-        """Keep what is pending in metadata.json (or say what is lost if the directory is gone), then unlock."""
+        """Keep what is pending in metadata.json, wherever the task's directory now is (an agent pausing a task
+        moves it beside running/), or say what is lost; then unlock. Only in the process that holds the claim:
+        a forked child exiting lets go of nothing."""
+        if os.getpid() != self.owner_pid:
+            return
         if any(self.pending.values()):
             amounts = dict(self.pending)
-            if (self.context_dir / "metadata.json").is_file():
-                keep_unsaved(self.context_dir, statistics=amounts)
-                logger.warning(
-                    "task %s let go with statistics not written; kept in %s", self.lock.path.stem, self.context_dir
-                )
+            directory = self._where_the_files_are()
+            if directory is not None:
+                keep_unsaved(directory, statistics=amounts)
+                logger.warning("task %s let go with statistics not written; kept in %s", self.lock.path.stem, directory)
             else:
                 logger.error(
                     "task %s let go with statistics %s not written and its directory %s gone; they are lost",
@@ -472,6 +490,14 @@ class _Claim:
                 )
             self.pending.update(dict.fromkeys(STATISTICS, 0))
         self.lock.release()
+
+    def _where_the_files_are(self) -> Path | None:
+        task_uuid = self.lock.path.stem
+        candidates = [self.context_dir, *sorted(self.context_dir.parent.parent.glob(f"*/{task_uuid}"))]
+        for directory in candidates:
+            if (directory / "metadata.json").is_file() and read_metadata(directory).get("uuid") == task_uuid:
+                return directory
+        return None
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,18 @@ class _GitHubKey(_TaskKey):
     number: int
     SOURCE: ClassVar[str] = "github"
 
+    def __post_init__(self) -> None:
+        _require_text("owner", self.owner)
+        _require_text("repo", self.repo)
+        object.__setattr__(self, "number", _whole_number("number", self.number))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "owner": self.owner, "repo": self.repo, "number": self.number}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> _GitHubKey:
         _expect_type(cls.TYPE, data)
-        return cls(owner=data["owner"], repo=data["repo"], number=int(data["number"]))
+        return cls(owner=data["owner"], repo=data["repo"], number=data["number"])
 
     def task_fields(self) -> dict[str, str]:
         return {
@@ -71,13 +76,17 @@ class GitLabIssueTaskKey(_TaskKey):
     SOURCE: ClassVar[str] = "gitlab"
     KIND: ClassVar[str] = "issue"
 
+    def __post_init__(self) -> None:
+        _require_project("project_id", self.project_id)
+        object.__setattr__(self, "issue_iid", _whole_number("issue_iid", self.issue_iid))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "project_id": self.project_id, "issue_iid": self.issue_iid}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GitLabIssueTaskKey:
         _expect_type(cls.TYPE, data)
-        return cls(project_id=data["project_id"], issue_iid=int(data["issue_iid"]))
+        return cls(project_id=data["project_id"], issue_iid=data["issue_iid"])
 
     def task_fields(self) -> dict[str, str]:
         return _gitlab_fields(self.KIND, self.project_id, self.issue_iid)
@@ -93,13 +102,17 @@ class GitLabMergeRequestTaskKey(_TaskKey):
     SOURCE: ClassVar[str] = "gitlab"
     KIND: ClassVar[str] = "merge_request"
 
+    def __post_init__(self) -> None:
+        _require_project("project_id", self.project_id)
+        object.__setattr__(self, "mr_iid", _whole_number("mr_iid", self.mr_iid))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "project_id": self.project_id, "mr_iid": self.mr_iid}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GitLabMergeRequestTaskKey:
         _expect_type(cls.TYPE, data)
-        return cls(project_id=data["project_id"], mr_iid=int(data["mr_iid"]))
+        return cls(project_id=data["project_id"], mr_iid=data["mr_iid"])
 
     def task_fields(self) -> dict[str, str]:
         return _gitlab_fields(self.KIND, self.project_id, self.mr_iid)
@@ -119,14 +132,12 @@ class SupportsToDict(Protocol):
 def task_key_from_dict(data: dict[str, Any]) -> TaskKey:
     """The key that `data` (a `to_dict()` result) describes; ValueError naming what is wrong."""
     key_type = data.get("type")
-    if key_type not in _KEY_TYPES:
+    if not isinstance(key_type, str) or key_type not in _KEY_TYPES:
         raise ValueError(f"unknown task key type {key_type!r}; allowed: {', '.join(_KEY_TYPES)}")
     try:
         key: TaskKey = _KEY_TYPES[key_type].from_dict(data)
     except KeyError as exc:
         raise ValueError(f"a task key of type {key_type!r} needs {exc.args[0]!r}") from None
-    except (TypeError, ValueError):
-        raise ValueError(f"a task key of type {key_type!r} needs a whole number, got {data!r}") from None
     return key
 
 
@@ -152,3 +163,31 @@ def _expect_type(expected: str, data: dict[str, Any]) -> None:
 def _gitlab_fields(kind: str, project_id: int | str, iid: int) -> dict[str, str]:
     # GitLab has no owner: the project id takes the repo column, as before the migration.
     return {"task_source": "gitlab", "owner": "", "repo": str(project_id), "task_type": kind, "task_id": str(iid)}
+
+
+# Column widths of owner, repo and task_id in the tasks table.
+_TEXT_LENGTH = 255
+_NUMBER_DIGITS = 50
+
+
+def _require_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value or len(value) > _TEXT_LENGTH:
+        raise ValueError(
+            f"a task key's {name} must be non-empty text of at most {_TEXT_LENGTH} characters, got {value!r}"
+        )
+
+
+def _require_project(name: str, value: object) -> None:
+    if isinstance(value, str):
+        _require_text(name, value)
+    else:
+        _whole_number(name, value)
+
+
+def _whole_number(name: str, value: object) -> int:
+    """`value` as a positive whole number: an int, or its decimal digits as text (as the agent's keys give)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 10**_NUMBER_DIGITS:
+        raise ValueError(f"a task key's {name} must be a positive whole number, got {value!r}")
+    return value

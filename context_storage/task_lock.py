@@ -39,7 +39,10 @@ class TaskLock:
             return
         make_private_dirs(self.path.parent)
         while True:
-            descriptor = open_private(self.path, os.O_RDWR)
+            try:
+                descriptor = open_private(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # its holder removed it between our two opens: the name is free again
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from db.config import DatabaseConfig
@@ -113,17 +113,30 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
         create_private_file(path)
     timeout = SQLITE_BUSY_TIMEOUT_MS / 1000
 
+    # A reader opens the file read-write but writes nothing and sets no journal mode (see `sqlite_uri` for why
+    # not read-only), unless its directory cannot be written (a read-only mount of the agent's contexts/), where
+    # SQLite could not make the WAL index a read-write open needs. It then opens the file read-only, through the
+    # writer's WAL index while one is live, or as an immutable file when none is: such a connection never sees
+    # later writes, so each checkout gets a new one (NullPool).
+    cannot_write = read_only and not os.access(path.parent, os.W_OK)
+
     def connect() -> sqlite3.Connection:
-        # The path reaches SQLite as an encoded URI, never through a URL's parsing. A reader opens the file
-        # read-write but writes nothing and sets no journal mode (see `sqlite_uri` for why not read-only),
-        # unless its directory cannot be written (a read-only mount of the agent's contexts/), where SQLite
-        # could not make the WAL index that a read-write open needs.
-        cannot_write = read_only and not os.access(path.parent, os.W_OK)
+        # The path reaches SQLite as an encoded URI, never through a URL's parsing.
+        if cannot_write and _wal_without_index(path):
+            raise sqlite3.OperationalError(
+                f"{path} cannot be read where its directory is read-only: its -wal file has no -shm beside it (a "
+                "writer ended without removing them); open it once where the directory can be written"
+            )
         return connect_sqlite(path, read_only=cannot_write, timeout=timeout, check_same_thread=False)
 
-    engine = create_engine(url, echo=config.echo, creator=connect)
+    pool = {"poolclass": NullPool} if cannot_write else {}
+    engine = create_engine(url, echo=config.echo, creator=connect, **pool)
     _configure_sqlite(engine, journal=not read_only, read_only=read_only)
     return engine
+
+
+def _wal_without_index(path: Path) -> bool:
+    return path.with_name(path.name + "-wal").exists() and not path.with_name(path.name + "-shm").exists()
 
 
 def _ours(cursor: sqlite3.Cursor) -> bool:

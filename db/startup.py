@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from db.config import DatabaseConfig
 from db.connection import DatabaseConnection
 from db.errors import DatabaseConfigError
 from db.schema import SchemaState, require_current_schema, upgrade_schema
+
+logger = logging.getLogger(__name__)
 
 ENVIRONMENTS = ("development", "production")
 
@@ -45,12 +49,29 @@ def start_database(
     environment = app_environment(env)
     if DatabaseConnection.is_initialized():
         connection = DatabaseConnection.get_instance()
-        if config is not None and DatabaseConfig.load(config, env) != connection.config:
-            raise RuntimeError(
-                f"this process's database is already initialised with {connection.config.safe_url}, and this "
-                "configuration names another; one process uses one database (DatabaseConnection.reset() first)"
-            )
+        if config is not None:
+            _check_same_database(DatabaseConfig.load(config, env), connection.config)
         return connection
     connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env), startup_timeout=startup_timeout)
     prepare_schema(connection, environment)
     return connection
+
+
+def _check_same_database(wanted: DatabaseConfig, current: DatabaseConfig) -> None:
+    """RuntimeError if `wanted` names another database than the process's; a warning naming the settings
+    (never their values) that differ for the same database, where the process's stand."""
+    if wanted.sqlalchemy_url != current.sqlalchemy_url:
+        raise RuntimeError(
+            f"this process's database is already initialised with {current.safe_url}, and this configuration names "
+            f"{wanted.safe_url}; one process uses one database (DatabaseConnection.reset() first)"
+        )
+    differing = [
+        item.name
+        for item in fields(DatabaseConfig)
+        if item.compare and getattr(wanted, item.name) != getattr(current, item.name)
+    ]
+    if differing:
+        logger.warning(
+            "database settings %s differ from those the process's connection was made with; those stand",
+            ", ".join(differing),
+        )

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 import main
-from context_storage import TaskAlreadyRunningError, TaskContextManager
+from context_storage import TaskAlreadyRunningError, TaskContextManager, task_context_manager
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository, TaskUsageQuery
 from db.startup import start_database
 
@@ -208,6 +208,10 @@ def test_a_second_live_manager_of_a_task_is_still_refused_and_a_closed_one_can_d
         lambda: manager.update_statistics(tokens=1),
         manager.complete,
         lambda: manager.update_status("running"),
+        manager.get_message_store,
+        manager.get_summary_store,
+        manager.get_tool_store,
+        manager.previous_runs,
     ):
         with pytest.raises(RuntimeError, match="closed manager"):
             call()
@@ -248,6 +252,46 @@ def test_a_dropped_manager_keeps_its_pending_statistics_on_disk(agent_config: di
     assert stored(task_uuid).tool_call_count == 3
 
 
+def test_a_manager_dropped_after_its_directory_was_paused_keeps_its_statistics_there(
+    agent_config: dict[str, Any],
+) -> None:
+    key = AgentGitHubIssueTaskKey("acme", "web", 10)
+    task_uuid = str(uuid.uuid4())
+    base = Path(agent_config["context_storage"]["base_dir"])
+    manager = TaskContextManager(key, task_uuid, agent_config)
+    with tables_renamed():
+        manager.update_statistics(llm_calls=5)
+        (base / "paused").mkdir()
+        shutil.move(base / "running" / task_uuid, base / "paused" / task_uuid)
+        del manager
+        gc.collect()  # a failed write's traceback holds it in a cycle until a collection
+    kept = json.loads((base / "paused" / task_uuid / "metadata.json").read_text())["unsaved"]["statistics"]
+    assert kept == {"llm_calls": 5, "tool_calls": 0, "tokens": 0, "compressions": 0}
+    shutil.move(base / "paused" / task_uuid, base / "running" / task_uuid)
+    TaskContextManager(key, task_uuid, agent_config, is_resumed=True).complete()
+    assert stored(task_uuid).llm_call_count == 5
+
+
+def test_a_forked_child_lets_go_of_nothing_its_parent_holds(agent_config: dict[str, Any]) -> None:
+    key = AgentGitHubIssueTaskKey("acme", "web", 11)
+    task_uuid = str(uuid.uuid4())
+    manager = TaskContextManager(key, task_uuid, agent_config)
+    lock_file = Path(agent_config["context_storage"]["base_dir"]) / "locks" / f"{task_uuid}.lock"
+    with tables_renamed():
+        manager.update_statistics(llm_calls=5)
+        child = os.fork()
+        if child == 0:
+            manager._abandoned()  # what the child's exit runs
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert "unsaved" not in json.loads((manager.context_dir / "metadata.json").read_text())
+        assert lock_file.exists()
+        with pytest.raises(TaskAlreadyRunningError):
+            TaskContextManager(key, task_uuid, agent_config, is_resumed=True)
+        manager.close()
+    assert json.loads((manager.context_dir / "metadata.json").read_text())["unsaved"]["statistics"]["llm_calls"] == 5
+
+
 @contextlib.contextmanager
 def tables_renamed() -> Iterator[None]:
     """The tasks table away (every write fails at once, no retry) while the database itself answers."""
@@ -280,6 +324,9 @@ def test_the_agents_own_task_keys_are_taken_as_they_are(
     manager.complete()
 
 
+NOT_A_NUMBER = "a task key's number must be a positive whole number"
+
+
 class NoDict:
     pass
 
@@ -298,8 +345,15 @@ class Missing:
     ("key", "error", "message"),
     [
         (NoDict(), TypeError, "a task key needs a to_dict() method; got NoDict"),
-        (BadNumber(), ValueError, "a task key of type 'github_issue' needs a whole number"),
+        (BadNumber(), ValueError, NOT_A_NUMBER),
         (Missing(), ValueError, "a task key of type 'gitlab_issue' needs 'issue_iid'"),
+        (AgentGitHubIssueTaskKey("acme", "web", True), ValueError, NOT_A_NUMBER),
+        (AgentGitHubIssueTaskKey("acme", "web", 1.9), ValueError, NOT_A_NUMBER),  # type: ignore[arg-type]
+        (AgentGitHubIssueTaskKey("acme", "web", -5), ValueError, NOT_A_NUMBER),
+        (AgentGitHubIssueTaskKey("acme", "web", " 7 "), ValueError, NOT_A_NUMBER),  # type: ignore[arg-type]
+        (AgentGitHubIssueTaskKey("acme", "web", 10**50), ValueError, NOT_A_NUMBER),
+        (AgentGitHubIssueTaskKey(None, "web", 1), ValueError, "a task key's owner must be non-empty text"),  # type: ignore[arg-type]
+        (AgentGitLabMergeRequestTaskKey({"id": 1}, 2), ValueError, "a task key's project_id must be"),  # type: ignore[arg-type]
     ],
 )
 def test_a_key_that_is_not_one_is_refused_before_any_file(
@@ -369,8 +423,43 @@ def test_a_start_that_fails_in_an_existing_directory_puts_its_metadata_back(agen
     assert (directory / "messages.jsonl").is_file()
 
 
+def test_a_start_that_fails_in_a_directory_without_metadata_adds_none(agent_config: dict[str, Any]) -> None:
+    task_uuid = str(uuid.uuid4())
+    directory = Path(agent_config["context_storage"]["base_dir"]) / "running" / task_uuid
+    directory.mkdir(parents=True)
+    (directory / "notes.txt").write_text("left by hand")
+    with pytest.raises(OSError):
+        BrokenStores(AgentGitHubIssueTaskKey("acme", "web", 3), task_uuid, agent_config, is_resumed=True)
+    assert sorted(path.name for path in directory.iterdir()) == ["notes.txt"]
+
+
+def test_a_start_interrupted_after_its_row_took_kept_statistics_never_counts_them_twice(
+    agent_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = AgentGitHubIssueTaskKey("acme", "web", 12)
+    task_uuid = str(uuid.uuid4())
+    manager = TaskContextManager(key, task_uuid, agent_config)
+    manager.update_statistics(llm_calls=5)
+    with tables_renamed():
+        manager.update_statistics(llm_calls=7)
+        manager.complete()  # the 7 are kept in metadata.json
+    real = task_context_manager.write_unsaved_statistics
+
+    def written_then_interrupted(*args: Any) -> bool:
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task_context_manager, "write_unsaved_statistics", written_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        TaskContextManager(key, task_uuid, agent_config, is_resumed=True)
+    monkeypatch.undo()
+    assert stored(task_uuid).llm_call_count == 12
+    TaskContextManager(key, task_uuid, agent_config, is_resumed=True).complete()
+    assert stored(task_uuid).llm_call_count == 12
+
+
 def test_a_manager_with_another_database_is_refused_and_leaves_nothing(
-    agent_config: dict[str, Any], tmp_path: Path
+    agent_config: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     start_database(agent_config)
     elsewhere = {**agent_config, "context_storage": {"base_dir": str(tmp_path / "elsewhere")}}
@@ -380,9 +469,15 @@ def test_a_manager_with_another_database_is_refused_and_leaves_nothing(
         TaskContextManager(AgentGitHubIssueTaskKey("acme", "web", 4), task_uuid, elsewhere)
     assert left_behind(tmp_path / "elsewhere") == []
     assert TaskRepository().get_by_uuid(task_uuid) is None
-    # Another task configuration for the same database (another user's LLM, say) is the same database.
-    other_llm = {**agent_config, "llm": {"provider": "ollama", "ollama": {"model": "llama3"}}}
-    TaskContextManager(AgentGitHubIssueTaskKey("acme", "web", 4), task_uuid, other_llm).complete()
+    # Another task configuration for the same database (another user's LLM, other timeouts) is the same
+    # database: taken, with a warning naming the settings that differ.
+    other = {**agent_config, "llm": {"provider": "ollama", "ollama": {"model": "llama3"}}}
+    other["database"] = {**agent_config["database"], "startup_timeout": 7, "echo": False}
+    with caplog.at_level(logging.WARNING, logger="db.startup"):
+        TaskContextManager(AgentGitHubIssueTaskKey("acme", "web", 4), task_uuid, other).complete()
+    assert [record.getMessage() for record in caplog.records if record.name == "db.startup"] == [
+        "database settings startup_timeout differ from those the process's connection was made with; those stand"
+    ]
 
 
 def unreachable(tmp_path: Path, port: int) -> dict[str, Any]:
@@ -448,8 +543,8 @@ def test_usage_is_read_from_a_read_only_mount_of_contexts(
         (read_only_view / "probe").touch()
 
     # The token-usage service: its own DATABASE_URL (its users database) kept out, the tasks file read-only.
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'users.db'}")
-    tasks_only = {name: value for name, value in os.environ.items() if name != "DATABASE_URL"}
+    service_env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'users.db'}"}
+    tasks_only = {name: value for name, value in service_env.items() if name != "DATABASE_URL"}
     reader = DatabaseConfig.load({"database": {"sqlite": {"path": str(read_only_view / "tasks.db")}}}, tasks_only)
     if writer == "live":
         reader_connection = DatabaseConnection(reader, read_only=True)
@@ -457,15 +552,22 @@ def test_usage_is_read_from_a_read_only_mount_of_contexts(
         reader_connection = DatabaseConnection.initialize(reader, read_only=True)
     try:
         usage = TaskUsageQuery(reader_connection).per_user()
+        assert [(entry.user, entry.total) for entry in usage] == [("alice", 1234)]
+        # The agent writes on (again, after a stop): a long-lived reader sees it.
+        DatabaseConnection.reset()
+        with TaskContextManager(AgentGitHubIssueTaskKey("acme", "web", 7), str(uuid.uuid4()), config, user="bob") as m:
+            m.update_statistics(tokens=5)
+        if writer == "gone":
+            DatabaseConnection.reset()
+        usage = TaskUsageQuery(reader_connection).per_user()
     finally:
         reader_connection.dispose()
-    assert [(entry.user, entry.total) for entry in usage] == [("alice", 1234)]
+    assert sorted((entry.user, entry.total) for entry in usage) == [("alice", 1234), ("bob", 5)]
     assert not (tmp_path / "users.db").exists()
 
     if writer == "gone":
         DatabaseConnection.reset()
         main_config = tmp_path / "reader.yaml"
         main_config.write_text(f"database:\n  sqlite:\n    path: {read_only_view / 'tasks.db'}\n")
-        monkeypatch.delenv("DATABASE_URL")
         assert main.main(["--config", str(main_config), "tasks", "usage", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["users"][0]["total"] == 1234
