@@ -30,7 +30,7 @@ from db.connection import describe_driver_error
 from db.data_migration import MAX_BATCH, migrate_data
 from db.redaction import redact_secrets
 from db.repositories.task_repository import MAX_PAGE, PREVIOUS_STATUSES
-from db.repositories.task_usage import MAX_DAYS
+from db.repositories.task_usage import MAX_DAYS, time_zone
 from db.schema import SchemaState, require_current_schema, schema_state, upgrade_schema
 from db.startup import app_environment, prepare_schema
 from db.stats import database_stats
@@ -448,6 +448,16 @@ def _integer_in(low: int, high: int) -> Callable[[str], int]:
 
 _days = _integer_in(1, MAX_DAYS)
 _positive_limit = _integer_in(1, MAX_PAGE)
+
+
+def _zone_name(text: str) -> str:
+    try:
+        time_zone(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 _port = _integer_in(0, 65535)
 
 
@@ -555,7 +565,9 @@ def _add_tasks_commands(tree: _CommandTree) -> None:
     usage = tree.command(tasks, "usage", cmd_tasks_usage, "tokens per user: today, this week, this month, all time")
     usage.add_argument("--user", help="only this user, with a per-day chart")
     usage.add_argument("--days", type=_days, default=14, help="days in the per-day chart (default 14)")
-    usage.add_argument("--tz", default="UTC", help="time zone of the calendar days, e.g. Asia/Tokyo (default UTC)")
+    usage.add_argument(
+        "--tz", type=_zone_name, default="UTC", help="time zone of the calendar days, e.g. Asia/Tokyo (default UTC)"
+    )
     usage.add_argument("--json", action="store_true", help="print JSON")
     history = tree.command(tasks, "history", cmd_tasks_history, "earlier runs of an issue or merge request")
     history.add_argument("reference", help="OWNER/REPO#NUMBER, PROJECT!IID or gitlab:PROJECT#IID")
@@ -604,7 +616,9 @@ def _add_serve_command(tree: _CommandTree) -> None:
     tree.listed.append(("serve", "read-only web dashboard and JSON API over the tasks table"))
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=_port, default=8080, help="port to listen on, 0 for any free one (default 8080)")
-    server.add_argument("--tz", default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)")
+    server.add_argument(
+        "--tz", type=_zone_name, default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)"
+    )
     server.add_argument(
         "--refresh", type=_integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"
     )

@@ -75,9 +75,16 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
-        admitted = path in OPEN_PATHS or access.accepts_headers(
+        # Open paths answer anyone, but say more (the database's name, why it cannot be read) only to those
+        # who may read the rest.
+        request.state.signed_in = access.accepts_headers(
             request.headers.get("authorization"), request.cookies.get(SESSION_COOKIE)
         )
+        admitted = path in OPEN_PATHS or request.state.signed_in
+        # HEAD (load balancers, link checkers) is answered as GET would be, without the body.
+        head = request.method == "HEAD"
+        if head:
+            request.scope["method"] = "GET"
         if not admitted:
             if _wants_json(request):
                 response: Response = JSONResponse(
@@ -90,8 +97,21 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
                 response = pages.render(request, "login.html", status_code=401, next=target, failed=False)
         else:
             response = await call_next(request)
+        if head:
+            response = Response(status_code=response.status_code, headers=dict(response.headers))
         response.headers.update(SECURITY_HEADERS)
         return response
+
+    _answer_errors(app)
+    _answer_health(app, source)
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=str(files("dashboard") / "static")), name="static")
+    return app
+
+
+def _answer_errors(app: FastAPI) -> None:
+    """Errors as answers: a JSON error on the API, an error page elsewhere, never a bare traceback."""
 
     @app.exception_handler(NotFoundError)
     async def not_found(request: Request, exc: NotFoundError) -> Response:
@@ -110,17 +130,30 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
     async def bad_parameter(request: Request, exc: ValueError) -> Response:
         return _problem(request, 400, "Bad request", str(exc))
 
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> Response:
-        connection = source.connection()
-        if not connection.health_check():
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.error("dashboard: %s failed: %s", request.url.path, type(exc).__name__, exc_info=exc)
+        response = _problem(request, 500, "Internal error", "the dashboard could not answer; its log says why")
+        response.headers.update(SECURITY_HEADERS)
+        return response
 
-    app.include_router(api.router)
-    app.include_router(pages.router)
-    app.mount("/static", StaticFiles(directory=str(files("dashboard") / "static")), name="static")
-    return app
+
+def _answer_health(app: FastAPI, source: DatabaseSource) -> None:
+    """`/healthz`, open to all: the status to anyone, and why the database cannot be read to the signed in."""
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz(request: Request) -> Response:
+        try:
+            reachable = source.connection().health_check()
+            reason = "the database does not answer"
+        except DatabaseError as exc:
+            reachable, reason = False, redact_secrets(str(exc))
+        if reachable:
+            return JSONResponse({"status": "ok"})
+        body = {"status": "unavailable"}
+        if request.state.signed_in:
+            body["detail"] = reason
+        return JSONResponse(body, status_code=503)
 
 
 def _warm(source: DatabaseSource, settings: DashboardSettings, sums: RefreshingValues[Any]) -> None:

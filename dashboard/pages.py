@@ -80,12 +80,16 @@ templates = Environment(
 templates.filters.update(when=_when, age=_age, task_name=_task_name, number=_number, redact=_redact)
 
 
+def _signed_in(request: Request) -> bool:
+    return bool(getattr(request.state, "signed_in", False))
+
+
 def render(request: Request, name: str, *, status_code: int = 200, **context: Any) -> HTMLResponse:
     """`name` rendered with what every page needs: the section, the zone, whether a sign-out applies."""
     rule: Access = request.app.state.access
     page_settings: DashboardSettings = request.app.state.settings
     context.setdefault("zone", page_settings.zone)
-    context.setdefault("notice", request.app.state.source.notice)
+    context.setdefault("notice", request.app.state.source.notice if _signed_in(request) else None)
     context.setdefault("section", "")
     html = templates.get_template(name).render(signed_in=rule.required, **context)
     return HTMLResponse(html, status_code=status_code)

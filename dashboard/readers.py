@@ -15,7 +15,7 @@ from db.connection import DatabaseConnection
 from db.models import Task, TaskStatus
 from db.models.types import canonical_uuid
 from db.redaction import redact_secrets
-from db.repositories.task_repository import TaskRepository
+from db.repositories.task_repository import MAX_PAGE, TaskRepository
 from db.repositories.task_usage import TaskUsageQuery, UserUsage, time_zone
 
 TASK_COLUMNS = tuple(column.key for column in Task.__table__.columns)
@@ -101,11 +101,15 @@ class DashboardReader:
 
     def page(self, *, status: str | None, user: str | None, after: str | None, limit: int) -> TaskPage:
         """One page of the listing, newest first; `next_after` continues it, None on the last page."""
-        rows = self._tasks.list_tasks(status=status, user=user, after=after, limit=limit + 1)
+        # One row more than the page tells whether another follows; at the largest page, a second look does.
+        rows = self._tasks.list_tasks(status=status, user=user, after=after, limit=min(limit + 1, MAX_PAGE))
         # An unknown `after` lists nothing: only then is it looked up, to tell it from the end of the listing.
         if not rows and after is not None and self._tasks.get_by_uuid(after) is None:
             raise ValueError(f"after: no task {canonical_uuid(after)} to continue from")
-        more = len(rows) > limit
+        more = len(rows) > limit or (
+            len(rows) == limit == MAX_PAGE
+            and bool(self._tasks.list_tasks(status=status, user=user, after=rows[-1].uuid, limit=1))
+        )
         tasks = rows[:limit]
         return TaskPage(tasks, tasks[-1].uuid if more else None)
 
@@ -150,6 +154,7 @@ class DashboardReader:
 
     def history(self, user: str | None, days: int, zone: str) -> History:
         """Tokens per day, oldest first; one user's, or everyone's when `user` is None."""
+
         def compute() -> tuple[datetime, list[tuple[date, int]]]:
             now = self._clock()
             daily = self._usage.daily(days=days, zone=zone, now=now, user=user)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from db.config import DatabaseConfig
-from db.connection import DatabaseConnection
+from db.connection import DatabaseConnection, describe_driver_error
 from db.errors import DatabaseError, DatabaseUnavailableError
 from db.redaction import redact_secrets
 
@@ -61,8 +61,8 @@ class DatabaseSource:
                 return self._instead(self._failure)
             try:
                 self._connection = self._open()
-            except DatabaseError as exc:
-                reason = redact_secrets(str(exc))
+            except Exception as exc:  # whatever the database is (not one, truncated, locked, forbidden): say so
+                reason = redact_secrets(str(exc) if isinstance(exc, DatabaseError) else describe_driver_error(exc))
                 if self._failure != reason:
                     logger.warning("dashboard: database not available: %s", reason)
                 self._failure, self._failed_at = reason, time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,13 +15,20 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 
+import main
 from dashboard import Access, DashboardAccessError, DashboardSettings, DatabaseSource, api, create_app, pages
 from dashboard.access import SESSION_COOKIE
 from dashboard.server import bind, url_of
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository
 from db.errors import DatabaseError
+from db.repositories.task_repository import MAX_PAGE
+from db.repositories.task_usage import MAX_DAYS, time_zone
+from db.schema import require_current_schema, upgrade_schema
 from tests.conftest import child_environment, task_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -528,3 +536,125 @@ def test_before_the_agent_first_runs_the_pages_show_an_empty_table(tmp_path: Pat
         assert "gina" in shown and "No database at" not in shown
     finally:
         writer.dispose()
+
+
+ZONE_FOLDERS = ["America", "Etc", "Europe", "__pycache__", "zone.tab", "posixrules", "../../etc/passwd", "America/"]
+
+
+@pytest.mark.parametrize("zone", ZONE_FOLDERS)
+@pytest.mark.parametrize("backend", ["sqlite-memory"], indirect=True)
+def test_a_name_in_the_zone_database_that_is_not_a_zone_is_a_bad_request(client: TestClient, zone: str) -> None:
+    for path, kind in (("/api/token-usage/summary", "application/json"), ("/usage", "text/html")):
+        response = client.get(path, params={"tz": zone})
+        assert response.status_code == 400, (path, zone, response.text)
+        assert response.headers["content-type"].startswith(kind)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "unknown time zone" in response.text
+
+
+@given(zone=st.text(max_size=40))
+def test_any_zone_name_is_a_zone_or_a_value_error(zone: str) -> None:
+    try:
+        time_zone(zone)
+    except ValueError as exc:
+        assert str(exc).startswith("unknown time zone")
+
+
+@pytest.mark.parametrize("command", [["tasks", "usage", "--tz", "America"], ["serve", "--tz", "Europe"]])
+def test_the_commands_refuse_a_zone_folder_as_a_usage_error(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main.main(command)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "unknown time zone 'America'" in error or "unknown time zone 'Europe'" in error
+    assert "Traceback" not in error
+
+
+def test_every_documented_bound_is_taken_at_its_value_and_refused_past_it(
+    client: TestClient, connection: DatabaseConnection
+) -> None:
+    start = at("2026-11-01T00:00:00")
+    rows = [task_data(created_at=start + timedelta(seconds=index), user="alice") for index in range(MAX_PAGE + 1)]
+    with connection.session_scope() as session:
+        session.execute(insert(Task), rows)
+    first = ok(client, "/api/tasks", params={"limit": MAX_PAGE})
+    assert len(first["tasks"]) == MAX_PAGE and first["next_after"] == first["tasks"][-1]["uuid"]
+    last = ok(client, "/api/tasks", params={"limit": MAX_PAGE, "after": first["next_after"]})
+    assert len(last["tasks"]) == 1 and last["next_after"] is None
+    exactly = ok(client, "/api/tasks", params={"limit": MAX_PAGE, "after": first["tasks"][0]["uuid"]})
+    assert len(exactly["tasks"]) == MAX_PAGE and exactly["next_after"] is None  # the rest fills one page
+    assert client.get("/api/tasks", params={"limit": MAX_PAGE + 1}).status_code == 422
+    assert ok(client, "/api/token-usage/summary", params={"top": 100})["users"][0]["user"] == "alice"
+    assert client.get("/api/token-usage/summary", params={"top": 101}).status_code == 422
+    assert len(ok(client, "/api/token-usage/alice/history", params={"days": MAX_DAYS})["days"]) == MAX_DAYS
+    assert client.get("/api/token-usage/alice/history", params={"days": MAX_DAYS + 1}).status_code == 422
+    assert client.get("/api/token-usage/" + "u" * 255).status_code == 404
+    assert client.get("/api/token-usage/" + "u" * 256).status_code == 422
+
+
+def test_unsigned_requests_learn_only_the_status_of_the_database(tmp_path: Path, refused_port: int) -> None:
+    config = DatabaseConfig(type="postgresql", host="127.0.0.1", port=refused_port, name="secretdb", startup_timeout=0)
+    source = DatabaseSource(lambda: DatabaseConnection.initialize(config, read_only=True))
+    client = TestClient(create_app(source, Access(TOKEN), DashboardSettings(clock=lambda: NOW)))
+    unsigned = client.get("/healthz")
+    assert unsigned.status_code == 503 and unsigned.json() == {"status": "unavailable"}
+    signed = client.get("/healthz", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert signed.status_code == 503 and "secretdb" in signed.json()["detail"]
+
+    awaited = tmp_path / "hidden-place" / "tasks.db"
+    waiting = DatabaseSource(
+        lambda: DatabaseConnection(DatabaseConfig(sqlite_path=str(awaited)), read_only=True),
+        empty_until_created=awaited,
+    )
+    login = TestClient(create_app(waiting, Access(TOKEN), DashboardSettings(clock=lambda: NOW))).get("/login")
+    assert "hidden-place" not in login.text
+
+
+@pytest.mark.parametrize("backend", ["sqlite-memory"], indirect=True)
+def test_head_is_answered_as_get_without_a_body(guarded: TestClient) -> None:
+    for path, headers in (("/healthz", {}), ("/api/tasks", {"Authorization": f"Bearer {TOKEN}"}), ("/", {})):
+        response = guarded.head(path, headers=headers)
+        expected = guarded.get(path, headers=headers)
+        assert response.status_code == expected.status_code, path
+        assert response.content == b""
+        assert response.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["not a database", "truncated", "schema record unreadable"],
+)
+def test_the_dashboard_stays_up_and_says_why_whatever_the_database_is(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "tasks.db"
+    if damage == "not a database":
+        path.write_bytes(b"this is a text file, not SQLite\n" * 200)
+    else:
+        writer = DatabaseConnection(DatabaseConfig(sqlite_path=str(path)))
+        upgrade_schema(writer)
+        TaskRepository(writer).create(task_data(user="hana"))
+        writer.dispose()
+        if damage == "truncated":
+            with path.open("r+b") as file:
+                file.truncate(path.stat().st_size // 2)
+        else:  # as a role without SELECT on it finds it: reading it fails with the driver's own error
+            with sqlite3.connect(path) as raw:
+                raw.execute("DROP TABLE alembic_version")
+                raw.execute("CREATE VIEW alembic_version AS SELECT version_num FROM gone")
+                raw.execute("DROP TABLE IF EXISTS gone")
+    source = DatabaseSource(lambda: _open_like_serve(path), retry_after=0)
+    with pytest.raises(DatabaseError):  # what `serve` expects at start, and goes on after
+        source.connection()
+    client = TestClient(create_app(source, Access(), DashboardSettings(clock=lambda: NOW)))
+    for page in ("/healthz", "/", "/api/tasks"):
+        response = client.get(page)
+        assert response.status_code == 503, (page, response.text)
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def _open_like_serve(path: Path) -> DatabaseConnection:
+    """What `serve` does to open its database: read-only, without waiting, schema at head."""
+    connection = DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(path), startup_timeout=0), read_only=True)
+    require_current_schema(connection)
+    return connection

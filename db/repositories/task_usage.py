@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from functools import cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from sqlalchemy import ColumnElement, Date, and_, case, cast, func, literal, select, true
 
@@ -24,13 +25,23 @@ MAX_DAYS = 3660
 
 
 def time_zone(zone: str | tzinfo) -> tzinfo:
-    """A tzinfo for an IANA name such as `Asia/Tokyo`; ValueError for an unknown one."""
+    """A tzinfo for an IANA name such as `Asia/Tokyo`; ValueError for anything else. Names are checked against
+    the zones the system knows before any file is opened: a folder of the zone database (`America`), one of
+    its data files (`zone.tab`) or a path is an unknown zone, not an error of the machine's."""
     if isinstance(zone, tzinfo):
         return zone
+    if not isinstance(zone, str) or zone not in _known_zones():
+        shown = zone[:64] if isinstance(zone, str) else zone
+        raise ValueError(f"unknown time zone {shown!r}; use an IANA name such as UTC or Asia/Tokyo")
     try:
         return ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(f"unknown time zone {zone!r}; use an IANA name such as UTC or Asia/Tokyo") from None
+
+
+@cache
+def _known_zones() -> frozenset[str]:
+    return frozenset(available_timezones())
 
 
 def day_start(day: date, zone: tzinfo) -> datetime:
