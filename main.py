@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 from tqdm import tqdm
 
+from context_storage.metadata_file import DamagedMetadataError
 from context_storage.reconcile import find_discrepancies
 from context_storage.task_lock import TaskAlreadyRunningError
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, Task, TaskRepository, TaskStatus, TaskUsageQuery
@@ -347,7 +348,8 @@ def cmd_tasks_history(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_reconcile(args: argparse.Namespace) -> int:
-    connection = _connect(args)
+    # A dry run only reads: a read-only connection, which leaves a SQLite file and its directory as they are.
+    connection = _connect(args) if args.yes else _open_for_reading(args)
     require_current_schema(connection)
     repository = TaskRepository(connection)
     base_dir = load_base_dir(args.config)
@@ -368,8 +370,9 @@ def cmd_tasks_reconcile(args: argparse.Namespace) -> int:
         try:
             item.apply()
             fixed += 1
-        except TaskAlreadyRunningError as exc:
-            print(f"skipped {item.uuid}: {exc}", file=sys.stderr)
+        except (TaskAlreadyRunningError, DamagedMetadataError, DatabaseError, ValueError, OSError) as exc:
+            # One task that cannot be repaired now stops no other.
+            print(f"skipped {item.uuid}: {printable(str(exc))}", file=sys.stderr)
     print(f"fixed {fixed} of {len(found)}")
     return 0 if fixed == len(found) else EXIT_ERROR
 

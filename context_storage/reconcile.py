@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from context_storage.metadata_file import read_metadata, sync_directory
-from context_storage.task_lock import TaskAlreadyRunningError, TaskLock
+from context_storage.metadata_file import DamagedMetadataError, load_metadata, sync_directory
+from context_storage.task_lock import TaskLock
 from context_storage.unsaved import drop_outcome, resolve_in_flight, write_unsaved_statistics
 from db import Task, TaskRepository
 from db.models.types import canonical_uuid
@@ -45,31 +46,36 @@ def task_directories(base_dir: Path) -> Iterator[tuple[str, Path]]:
                 key = canonical_uuid(directory.name)
             except ValueError:
                 continue
-            if directory.is_dir() and key == directory.name:
+            if key == directory.name and (directory.is_symlink() or directory.is_dir()):
                 yield key, directory
 
 
 def find_discrepancies(base_dir: Path, repository: TaskRepository) -> list[Discrepancy]:
-    """Every task whose directory, metadata.json and row disagree."""
+    """Every task whose directory, metadata.json and row disagree. Reads only, and changes nothing (not even a
+    lock file); a damaged folder is reported and the others are checked all the same."""
     found: list[Discrepancy] = []
     for key, directory in task_directories(base_dir):
-        lock = TaskLock(base_dir, key)
-        try:
-            lock.acquire()
-        except TaskAlreadyRunningError:
+        where = f"{directory.parent.name}/{key}"
+        if directory.is_symlink():
+            found.append(Discrepancy(key, f"{where} is a link, not a task directory; left alone", None))
+            continue
+        if TaskLock(base_dir, key).held_elsewhere():
             continue  # a live manager keeps it in step itself
         try:
-            found.extend(_check(base_dir, key, directory, repository))
-        finally:
-            lock.release()
+            metadata = load_metadata(directory)
+        except DamagedMetadataError as exc:
+            found.append(Discrepancy(key, f"{where}/metadata.json {exc}; left alone", None))
+            continue
+        found.extend(_check(base_dir, key, directory, metadata, repository))
     return found
 
 
-def _check(base_dir: Path, key: str, directory: Path, repository: TaskRepository) -> list[Discrepancy]:
+def _check(
+    base_dir: Path, key: str, directory: Path, metadata: dict[str, Any], repository: TaskRepository
+) -> list[Discrepancy]:
     row = repository.get_by_uuid(key)
     if row is None:
         return [Discrepancy(key, f"{directory.parent.name}/{key} has no row in the tasks table", None)]
-    metadata = read_metadata(directory)
     unsaved = metadata.get("unsaved") or {}
     found: list[Discrepancy] = []
     if unsaved.get("statistics") or unsaved.get("in_flight"):
@@ -118,7 +124,7 @@ def _check(base_dir: Path, key: str, directory: Path, repository: TaskRepository
     return found
 
 
-def _finished_in_metadata(metadata: dict[str, object], row: Task) -> dict[str, object] | None:
+def _finished_in_metadata(metadata: dict[str, Any], row: Task) -> dict[str, object] | None:
     """The outcome metadata.json records when the row still says running (a crash before the row was written)."""
     status = metadata.get("status")
     if row.status == "running" and status in FINISHED:

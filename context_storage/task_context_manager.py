@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,12 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from context_storage.message_store import MessageStore
-from context_storage.metadata_file import read_metadata, sync_directory, write_metadata
+from context_storage.metadata_file import (
+    STATISTICS,
+    DamagedMetadataError,
+    load_metadata,
+    read_metadata,
+    sync_directory,
+    write_metadata,
+)
 from context_storage.summary_store import SummaryStore
 from context_storage.task_key import SupportsToDict, as_task_key
 from context_storage.task_lock import TaskLock
 from context_storage.tool_store import ToolStore
-from context_storage.unsaved import STATISTICS, keep_unsaved, resolve_in_flight, write_unsaved_statistics
+from context_storage.unsaved import keep_unsaved, resolve_in_flight, write_unsaved_statistics
 from db import DatabaseError, Task, TaskAlreadyExistsError, TaskRepository
 from db.models import INT_MAX
 from db.models.types import canonical_uuid
@@ -66,6 +72,11 @@ class TaskContextManager:
         self.running_dir = self.base_dir / "running"
         self.completed_dir = self.base_dir / "completed"
         self.context_dir = self.running_dir / self.uuid
+        for place in (self.context_dir, self.completed_dir / self.uuid):
+            if place.is_symlink():
+                raise ValueError(
+                    f"{place} is a link: a task's files stay in a directory of its own under {self.base_dir}"
+                )
         # One thread at a time changes the counters, the row, metadata.json or where the directory is.
         self._lock = threading.RLock()
         for directory in (self.running_dir, self.completed_dir):
@@ -131,10 +142,10 @@ class TaskContextManager:
         """Who last worked on the task, from its metadata.json (read only: the lock is not ours yet)."""
         for directory in (self.context_dir, self.completed_dir / self.uuid):
             try:
-                metadata = json.loads((directory / "metadata.json").read_bytes())
-            except (OSError, ValueError):
+                metadata = load_metadata(directory)
+            except DamagedMetadataError:
                 continue
-            if isinstance(metadata, dict) and metadata.get("process_id"):
+            if metadata.get("process_id"):
                 return f"process {metadata['process_id']} on {metadata.get('hostname')}"
         return ""
 
@@ -495,8 +506,11 @@ class _Claim:
         task_uuid = self.lock.path.stem
         candidates = [self.context_dir, *sorted(self.context_dir.parent.parent.glob(f"*/{task_uuid}"))]
         for directory in candidates:
-            if (directory / "metadata.json").is_file() and read_metadata(directory).get("uuid") == task_uuid:
-                return directory
+            try:
+                if not directory.is_symlink() and load_metadata(directory).get("uuid") == task_uuid:
+                    return directory
+            except DamagedMetadataError:
+                continue
         return None
 
 

@@ -185,9 +185,9 @@ def _require_project(name: str, value: object) -> None:
 
 
 def _whole_number(name: str, value: object) -> int:
-    """`value` as a positive whole number: an int, or its decimal digits as text (as the agent's keys give)."""
+    """`value` as a whole number: an int, or its decimal digits as text (as the agent's keys give)."""
     if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 10**_NUMBER_DIGITS:
-        raise ValueError(f"a task key's {name} must be a positive whole number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**_NUMBER_DIGITS:
+        raise ValueError(f"a task key's {name} must be a whole number of at most 50 digits, got {value!r}")
     return value

@@ -57,6 +57,22 @@ class TaskLock:
             os.close(descriptor)
         self._release = weakref.finalize(self, _let_go, self.path, descriptor, os.getpid())
 
+    def held_elsewhere(self) -> bool:
+        """Whether another holder has the lock now; creates nothing (a file without a holder is left as is)."""
+        if self.held:
+            return False
+        try:
+            descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False  # holders keep the file while they hold it
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)
+        return False
+
     def release(self) -> None:
         if self._release is not None:
             self._release()

@@ -19,12 +19,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from context_storage.metadata_file import read_metadata, write_metadata
+from context_storage.metadata_file import STATISTICS, read_metadata, write_metadata
 from db import TaskRepository
 
 logger = logging.getLogger(__name__)
-
-STATISTICS = ("llm_calls", "tool_calls", "tokens", "compressions")
 
 
 def add_statistics(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:

@@ -324,7 +324,7 @@ def test_the_agents_own_task_keys_are_taken_as_they_are(
     manager.complete()
 
 
-NOT_A_NUMBER = "a task key's number must be a positive whole number"
+NOT_A_NUMBER = "a task key's number must be a whole number of at most 50 digits"
 
 
 class NoDict:
