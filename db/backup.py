@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from sqlalchemy import delete, func, insert, select
+
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
+from db.migration_source import DataMigrationError, TaskSource
 from db.models import Task
 from db.private_files import connect_sqlite, written_then_named
-from db.schema import known_revisions, schema_state, upgrade_schema
+from db.schema import known_revisions, upgrade_schema
 from db.sqlite_backup import backup_engine_database, backup_path_for
+
+# Rows a restore inserts per statement.
+RESTORE_BATCH = 1000
 
 
 def find_pg_tool(name: str) -> str:
@@ -139,6 +145,42 @@ def _check_columns(columns: Sequence[str], backup: Path) -> None:
 
 
 def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResult:
+    """Rows, not schema: the backup is checked whole (integrity, tables, revision, columns, every value, as
+    `db migrate-data` checks a source), then its rows replace the target's in one transaction, into the
+    target's own schema at head. Nothing else crosses: no trigger, view, index or table of the backup's."""
+    revision = _check_sqlite_backup(backup)
+    try:
+        source = TaskSource(str(backup))
+    except DataMigrationError as exc:
+        raise DatabaseError(f"{exc}; nothing was changed") from None
+    try:
+        try:
+            checked = source.check()
+        except DataMigrationError as exc:
+            raise DatabaseError(f"{backup} cannot be restored: {exc}") from None
+        expected = checked.rows - checked.merged
+        upgrade_schema(connection)
+        copy = None
+        if _has_tasks(connection):
+            database = Path(str(connection.config.sqlalchemy_url.database))
+            copy = backup_engine_database(connection.engine, backup_path_for(database, "before-restore"))
+        with connection.session_scope() as session:
+            session.execute(delete(Task))
+            for batch in source.rows(RESTORE_BATCH):
+                session.execute(insert(Task), batch)
+            restored = session.scalar(select(func.count()).select_from(Task))
+            if restored != expected:
+                raise DatabaseError(
+                    f"the restore of {backup} stored {restored} of its {expected} tasks (a trigger of the target "
+                    f"dropping rows?); nothing was changed, and a copy is in {copy}"
+                )
+        return RestoreResult(expected, revision, copy)
+    finally:
+        source.close()
+
+
+def _check_sqlite_backup(backup: Path) -> str:
+    """The schema revision of a whole, undamaged SQLite backup holding a tasks table; DatabaseError if not."""
     try:
         source = connect_sqlite(backup, read_only=True)
     except sqlite3.Error:
@@ -154,29 +196,18 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
         if "tasks" not in tables or "alembic_version" not in tables:
             raise DatabaseError(f"{backup} holds no task database (tasks and alembic_version); nothing was changed")
         _check_columns([row[1] for row in source.execute("PRAGMA table_info(tasks)")], backup)
-        revision = _known_revision(source.execute("SELECT max(version_num) FROM alembic_version").fetchone()[0], backup)
-        rows = int(source.execute("SELECT count(*) FROM tasks").fetchone()[0])
-        copy = None
-        database = Path(str(connection.config.sqlalchemy_url.database))
-        if schema_state(connection).current is not None:
-            copy = backup_engine_database(connection.engine, backup_path_for(database, "before-restore"))
-        raw = connection.engine.raw_connection()
         try:
-            target = raw.driver_connection
-            assert isinstance(target, sqlite3.Connection)
-            source.backup(target)
-            restored = int(target.execute("SELECT count(*) FROM tasks").fetchone()[0])
-            check = target.execute("PRAGMA quick_check").fetchone()[0]
-        finally:
-            raw.close()
-        if restored != rows or check != "ok":
-            raise DatabaseError(
-                f"the restored database does not match {backup} ({restored} of {rows} tasks, check {check!r}); "
-                f"the replaced data is in {copy}"
-            )
-        return RestoreResult(rows, revision, copy)
+            stored = source.execute("SELECT max(version_num) FROM alembic_version").fetchone()[0]
+        except sqlite3.Error:
+            stored = None
+        return _known_revision(stored, backup)
     finally:
         source.close()
+
+
+def _has_tasks(connection: DatabaseConnection) -> bool:
+    with connection.engine.connect() as conn:
+        return conn.execute(select(Task.uuid).limit(1)).first() is not None
 
 
 def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> RestoreResult:

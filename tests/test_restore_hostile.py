@@ -1,0 +1,180 @@
+"""`db restore` of crafted backups: rows cross, schema never does; a refused backup changes nothing; the
+integrity check and the row-count checks each refuse what they are there for."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from db import DatabaseConfig, DatabaseConnection, DatabaseError, TaskRepository
+from db.backup import backup_database, restore_database
+from db.schema import upgrade_schema
+from tests.conftest import task_data
+
+
+def database_with_tasks(path: Path, count: int) -> set[str]:
+    connection = DatabaseConnection(DatabaseConfig(sqlite_path=str(path)))
+    try:
+        upgrade_schema(connection)
+        repository = TaskRepository(connection)
+        return {repository.create(task_data(user=f"user{index}")).uuid for index in range(count)}
+    finally:
+        connection.dispose()
+
+
+def uuids(path: Path) -> set[str]:
+    with sqlite3.connect(path) as raw:
+        return {row[0] for row in raw.execute("SELECT uuid FROM tasks")}
+
+
+def schema_of(path: Path) -> set[tuple[str, str]]:
+    with sqlite3.connect(path) as raw:
+        return {
+            (row[0], row[1])
+            for row in raw.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        }
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> tuple[Path, set[str]]:
+    path = tmp_path / "contexts" / "tasks.db"
+    return path, database_with_tasks(path, 20)
+
+
+def restore(path: Path, backup: Path) -> None:
+    connection = DatabaseConnection(DatabaseConfig(sqlite_path=str(path)))
+    try:
+        restore_database(connection, backup)
+    finally:
+        connection.dispose()
+
+
+def test_a_backup_brings_rows_and_never_its_triggers_views_tables_or_indexes(
+    target: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    path, _ = target
+    backup = tmp_path / "crafted.db"
+    brought = database_with_tasks(backup, 21)
+    with sqlite3.connect(backup) as raw:
+        raw.execute("CREATE TRIGGER wipe AFTER INSERT ON tasks BEGIN DELETE FROM tasks WHERE uuid != NEW.uuid; END")
+        raw.execute("CREATE VIEW every_task AS SELECT * FROM tasks")
+        raw.execute("CREATE TABLE stowaway (x)")
+        raw.execute("CREATE INDEX ix_backup_only ON tasks (hostname)")
+    own_schema = schema_of(path)
+
+    restore(path, backup)
+
+    assert schema_of(path) == own_schema
+    assert uuids(path) == brought
+    connection = DatabaseConnection(DatabaseConfig(sqlite_path=str(path)))
+    try:
+        TaskRepository(connection).create(task_data())
+    finally:
+        connection.dispose()
+    assert len(uuids(path)) == 22  # no trigger came across to wipe them
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ("UPDATE tasks SET status = 'paused' WHERE rowid = 1", "status"),
+        ("UPDATE tasks SET created_at = 'yesterday' WHERE rowid = 2", "created_at"),
+        ("UPDATE tasks SET total_tokens = 'abc' WHERE rowid = 3", "total_tokens"),
+        (
+            "INSERT INTO tasks (uuid, task_source, owner, repo, task_type, task_id, status, created_at, updated_at) "
+            "SELECT uuid, task_source, 'other', repo, task_type, task_id, status, created_at, updated_at FROM tasks "
+            "WHERE rowid = 4",
+            "uuid",
+        ),
+    ],
+)
+def test_a_backup_with_values_the_tasks_table_cannot_hold_is_refused_and_changes_nothing(
+    target: tuple[Path, set[str]], tmp_path: Path, change: str, refusal: str
+) -> None:
+    path, kept = target
+    backup = tmp_path / "loose.db"
+    good = tmp_path / "good.db"
+    database_with_tasks(good, 5)
+    with sqlite3.connect(good) as raw:
+        columns = ", ".join(f'"{row[1]}"' for row in raw.execute("PRAGMA table_info(tasks)"))
+    with sqlite3.connect(backup) as raw:
+        # The right names, no types or keys: any value fits.
+        raw.execute(f"CREATE TABLE tasks ({columns})")
+        raw.execute("CREATE TABLE alembic_version (version_num)")
+        raw.execute("ATTACH DATABASE ? AS good", (str(good),))
+        raw.execute("INSERT INTO tasks SELECT * FROM good.tasks")
+        raw.execute("INSERT INTO alembic_version SELECT * FROM good.alembic_version")
+        raw.commit()
+        raw.execute("DETACH DATABASE good")
+        raw.execute(change)
+    before = path.read_bytes()
+    with pytest.raises(DatabaseError) as refused:
+        restore(path, backup)
+    assert refusal in str(refused.value) and "cannot be restored" in str(refused.value)
+    assert path.read_bytes() == before and uuids(path) == kept
+    assert not list(path.parent.glob("*before-restore*"))
+
+
+def test_a_backup_whose_index_disagrees_with_its_table_is_refused_as_damaged(
+    target: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    path, kept = target
+    backup = tmp_path / "inconsistent.db"
+    database_with_tasks(backup, 30)
+    with sqlite3.connect(backup) as raw:
+        raw.execute("CREATE INDEX ix_owner ON tasks (owner)")
+        raw.execute("PRAGMA writable_schema = ON")
+        raw.execute("UPDATE sqlite_master SET sql = 'CREATE INDEX ix_owner ON tasks (user)' WHERE name = 'ix_owner'")
+    with pytest.raises(DatabaseError, match="is damaged"):
+        restore(path, backup)
+    assert uuids(path) == kept
+
+
+def test_a_target_that_drops_rows_as_they_come_fails_the_count_and_keeps_its_rows(
+    target: tuple[Path, set[str]], tmp_path: Path
+) -> None:
+    path, kept = target
+    backup = tmp_path / "backup.db"
+    database_with_tasks(backup, 10)
+    with sqlite3.connect(path) as raw:
+        raw.execute(
+            "CREATE TRIGGER drop_some BEFORE INSERT ON tasks WHEN NEW.user = 'user3' BEGIN SELECT RAISE(IGNORE); END"
+        )
+    with pytest.raises(DatabaseError, match="stored 9 of its 10 tasks"):
+        restore(path, backup)
+    assert uuids(path) == kept
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_postgresql_restore_fails_the_count_when_rows_go_missing(
+    blank_connection: DatabaseConnection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upgrade_schema(blank_connection)
+    repository = TaskRepository(blank_connection)
+    for index in range(5):
+        repository.create(task_data(user=f"user{index}"))
+    monkeypatch.chdir(tmp_path)
+    backup = backup_database(blank_connection, tmp_path / f"{uuid.uuid4().hex}.dump")
+    kept = {repository.create(task_data(user="later")).uuid for _ in range(2)}
+    with blank_connection.engine.begin() as conn:
+        conn.execute(text("""DELETE FROM tasks WHERE "user" <> 'later'"""))
+        conn.execute(
+            text(
+                "CREATE FUNCTION drop_some() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN IF NEW.\"user\" = 'user3' THEN RETURN NULL; END IF; RETURN NEW; END $$"
+            )
+        )
+        conn.execute(text("CREATE TRIGGER drop_some BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION drop_some()"))
+    try:
+        with pytest.raises(DatabaseError, match="nothing was changed"):
+            restore_database(blank_connection, backup)
+        with blank_connection.engine.connect() as conn:
+            assert {str(row[0]) for row in conn.execute(text("SELECT uuid FROM tasks"))} == kept
+    finally:
+        with blank_connection.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER drop_some ON tasks"))
+            conn.execute(text("DROP FUNCTION drop_some()"))
