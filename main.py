@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -453,6 +454,14 @@ _days = _integer_in(1, MAX_DAYS)
 _positive_limit = _integer_in(1, MAX_PAGE)
 
 
+def _network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address or network: {text!r}") from None
+    return text
+
+
 def _zone_name(text: str) -> str:
     try:
         time_zone(text)
@@ -593,7 +602,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dashboard.server import bind, serve, url_of  # noqa: PLC0415
 
     access = Access.for_bind(args.host, os.environ)
-    settings = DashboardSettings(zone=args.tz, refresh_seconds=args.refresh, sums_max_age=args.usage_cache)
+    settings = DashboardSettings(
+        zone=args.tz,
+        refresh_seconds=args.refresh,
+        sums_max_age=args.usage_cache,
+        trusted_proxies=tuple(args.trusted_proxy),
+    )
     config = DatabaseConfig.load(args.config)
     on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
     sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
@@ -621,6 +635,14 @@ def _add_serve_command(tree: _CommandTree) -> None:
     server.add_argument("--port", type=_port, default=8080, help="port to listen on, 0 for any free one (default 8080)")
     server.add_argument(
         "--tz", type=_zone_name, default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)"
+    )
+    server.add_argument(
+        "--trusted-proxy",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a reverse proxy (address or network) whose X-Forwarded-Proto and -For are believed; repeatable",
     )
     server.add_argument(
         "--refresh", type=_integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"

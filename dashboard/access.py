@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from dashboard.sign_in import Sessions, SignInThrottle
 
 TOKEN_VARIABLE = "DASHBOARD_TOKEN"  # noqa: S105 (the environment variable's name)
 MIN_TOKEN_LENGTH = 16
@@ -29,9 +30,12 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Access:
-    """The token requests must carry, or None when none is needed. Its repr never shows the token."""
+    """The token requests must carry, or None when none is needed; the sessions of those who signed in with
+    it, and the failed attempts of those who did not. Its repr never shows the token."""
 
     token: str | None = field(default=None, repr=False)
+    sessions: Sessions = field(default_factory=Sessions, repr=False, compare=False)
+    throttle: SignInThrottle = field(default_factory=SignInThrottle, repr=False, compare=False)
 
     @classmethod
     def for_bind(cls, host: str, env: Mapping[str, str]) -> Access:
@@ -54,14 +58,9 @@ class Access:
         """Whether `offered` is the token, compared in constant time."""
         return self.token is None or _same(offered, self.token)
 
-    def session_value(self) -> str:
-        """The login cookie's value: derived from the token, so the cookie never carries the token itself."""
-        if self.token is None:
-            return ""
-        return hmac.new(self.token.encode(), b"dashboard session", hashlib.sha256).hexdigest()
-
     def accepts_session(self, offered: str | None) -> bool:
-        return self.token is None or _same(offered, self.session_value())
+        """Whether `offered` is a session signed in and neither expired nor ended."""
+        return self.token is None or self.sessions.accepts(offered)
 
     def accepts_headers(self, authorization: str | None, cookie: str | None) -> bool:
         """A request passes with `Authorization: Bearer <token>` or the login cookie."""

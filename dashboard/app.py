@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from dashboard import api, pages
 from dashboard.access import SESSION_COOKIE, Access
@@ -104,6 +105,9 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
 
     _answer_errors(app)
     _answer_health(app, source)
+    if chosen.trusted_proxies:
+        # Added last, so it runs first: the access rule and the sign-in see the client and scheme it sets.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(chosen.trusted_proxies))
     app.include_router(api.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(files("dashboard") / "static")), name="static")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import logging
+from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
@@ -19,6 +20,7 @@ from db.models import COUNTER_COLUMNS, Task, TaskStatus
 from db.redaction import redact_secrets
 from db.repositories.task_usage import MAX_DAYS, time_zone
 
+logger = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 PAGE_SIZE = 50
@@ -95,8 +97,12 @@ def render(request: Request, name: str, *, status_code: int = 200, **context: An
     return HTMLResponse(html, status_code=status_code)
 
 
-def error_page(request: Request, status_code: int, title: str, message: str) -> HTMLResponse:
-    return render(request, "error.html", status_code=status_code, title=title, message=message)
+def error_page(
+    request: Request, status_code: int, title: str, message: str, headers: dict[str, str] | None = None
+) -> HTMLResponse:
+    page = render(request, "error.html", status_code=status_code, title=title, message=message)
+    page.headers.update(headers or {})
+    return page
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -214,27 +220,39 @@ def login_form(request: Request, rule: Rule, next: str = "/") -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, rule: Rule) -> Response:
+    client = request.client.host if request.client else "unknown"
+    wait = rule.throttle.wait_for(client)
+    if wait:
+        # Not even looked at: waiting, not guessing faster, is what the client can do.
+        seconds = int(wait) + 1
+        message = f"Too many failed sign-ins: try again in {seconds} s."
+        return error_page(request, 429, "Too many attempts", message, headers={"Retry-After": str(seconds)})
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         return error_page(request, 413, "Too large", "The sign-in form is larger than any token.")
     form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=4)
     next_page = _local(form.get("next", ["/"])[0])
     if not rule.accepts_token(form.get("token", [""])[0]):
+        failures = rule.throttle.failed(client)
+        logger.warning("dashboard: failed sign-in from %s (%d in a row)", client, failures)
         return render(request, "login.html", status_code=401, next=next_page, failed=True)
+    rule.throttle.succeeded(client)
     response = RedirectResponse(next_page, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        rule.session_value(),
+        rule.sessions.open(),
         httponly=True,
         samesite="strict",
+        # https as the client sees it: behind a trusted proxy, as its X-Forwarded-Proto says (see server.py).
         secure=request.url.scheme == "https",
-        max_age=int(timedelta(days=7).total_seconds()),
+        max_age=int(rule.sessions.lifetime),
     )
     return response
 
 
 @router.post("/logout")
-def logout() -> Response:
+def logout(request: Request, rule: Rule) -> Response:
+    rule.sessions.end(request.cookies.get(SESSION_COOKIE))
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE)
     return response

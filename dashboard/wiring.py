@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,15 +23,20 @@ MAX_SUMS_AGE = 3600
 @dataclass(frozen=True)
 class DashboardSettings:
     """`zone`: the time zone of pages and of API answers that do not name one. `sums_max_age`: seconds for
-    which sums over the whole table are reused (0: computed at every request). `clock`: "now" (tests fix it)."""
+    which sums over the whole table are reused (0: computed at every request). `clock`: "now" (tests fix it).
+    `trusted_proxies`: addresses or networks of reverse proxies whose X-Forwarded-Proto and X-Forwarded-For
+    are believed (the scheme decides whether the sign-in cookie is Secure; the client, whose attempts count)."""
 
     zone: str = "UTC"
     refresh_seconds: int = 15
     sums_max_age: float = 0.0
     clock: Callable[[], datetime] = field(default=utcnow)
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         time_zone(self.zone)
+        for proxy in self.trusted_proxies:
+            ipaddress.ip_network(proxy, strict=False)  # ValueError naming it
         if self.refresh_seconds < 1:
             raise ValueError(f"refresh_seconds must be at least 1, got {self.refresh_seconds}")
         if not 0 <= self.sums_max_age <= MAX_SUMS_AGE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import socket
 import sqlite3
@@ -24,6 +25,7 @@ import main
 from dashboard import Access, DashboardAccessError, DashboardSettings, DatabaseSource, api, create_app, pages
 from dashboard.access import SESSION_COOKIE
 from dashboard.server import bind, url_of
+from dashboard.sign_in import Sessions
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository
 from db.errors import DatabaseError
 from db.repositories.task_repository import MAX_PAGE
@@ -658,3 +660,54 @@ def _open_like_serve(path: Path) -> DatabaseConnection:
     connection = DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(path), startup_timeout=0), read_only=True)
     require_current_schema(connection)
     return connection
+
+
+@pytest.mark.parametrize("backend", ["sqlite-memory"], indirect=True)
+def test_signing_out_ends_the_session_for_good(guarded: TestClient) -> None:
+    signed_in = guarded.post("/login", data={"token": TOKEN, "next": "/"}, follow_redirects=False)
+    cookie = signed_in.cookies[SESSION_COOKIE]
+    assert "erin" in guarded.get("/").text
+    guarded.post("/logout", follow_redirects=False)
+    guarded.cookies.set(SESSION_COOKIE, cookie)  # the same cookie, kept by hand
+    assert guarded.get("/").status_code == 401
+    assert guarded.get("/api/tasks").status_code == 401
+
+
+def test_a_session_expires() -> None:
+    now = [1000.0]
+    sessions = Sessions(lifetime=60, clock=lambda: now[0])
+    session = sessions.open()
+    assert sessions.accepts(session) and not sessions.accepts(session + "x") and not sessions.accepts(None)
+    now[0] += 59
+    assert sessions.accepts(session)
+    now[0] += 2
+    assert not sessions.accepts(session)
+
+
+@pytest.mark.parametrize("backend", ["sqlite-memory"], indirect=True)
+def test_failed_sign_ins_are_logged_and_slowed_until_even_the_right_token_waits(
+    guarded: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="dashboard.pages"):
+        answers = [guarded.post("/login", data={"token": f"guess{n}"}).status_code for n in range(8)]
+    assert answers[:5] == [401] * 5 and set(answers[5:]) == {401, 429}
+    assert "dashboard: failed sign-in from testclient (1 in a row)" in caplog.messages
+    blocked = guarded.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert SESSION_COOKIE not in blocked.cookies
+    elsewhere = TestClient(guarded.app, base_url="http://127.0.0.1", client=("192.0.2.9", 4000))
+    assert elsewhere.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+
+
+def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(reader: DatabaseConnection) -> None:
+    settings = DashboardSettings(clock=lambda: NOW, trusted_proxies=("10.0.0.0/8",))
+    app = create_app(DatabaseSource(lambda: reader), Access(TOKEN), settings)
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"}
+    for client, secure in ((("10.1.2.3", 5000), True), (("192.0.2.1", 5000), False)):
+        answer = TestClient(app, base_url="http://dash", client=client).post(
+            "/login", data={"token": TOKEN}, headers=forwarded, follow_redirects=False
+        )
+        assert answer.status_code == 303
+        assert ("; secure" in answer.headers["set-cookie"].lower()) is secure, client
+    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 network"):
+        DashboardSettings(trusted_proxies=("proxy.example",))
