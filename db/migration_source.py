@@ -7,6 +7,7 @@ row needs more than date-times and NULL counters normalised, PostgreSQL's COPY i
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
 import sqlite3
@@ -70,6 +71,39 @@ class Aggregates:
         return found
 
 
+_BUSY = (
+    "{path} is busy: another process is writing it (an agent still running on it?); try again in a moment, "
+    "or once it has stopped"
+)
+
+
+def _busy(exc: BaseException) -> bool:
+    message = str(getattr(exc, "orig", None) or exc)
+    return "database is locked" in message or "database is busy" in message
+
+
+# SQLite's RESERVED lock: a byte a writer locks for as long as its write transaction lasts.
+_RESERVED_BYTE = 0x40000001
+
+
+def _being_written(path: Path) -> bool:
+    """Whether a live writer holds the file's RESERVED lock (its journal then is its own, not left by a crash).
+    Checked before this process opens the file in SQLite, whose POSIX locks closing this descriptor would drop."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, _RESERVED_BYTE)
+    except OSError:
+        return True
+    else:
+        fcntl.lockf(descriptor, fcntl.LOCK_UN, 1, _RESERVED_BYTE)
+        return False
+    finally:
+        os.close(descriptor)
+
+
 def _quoted(name: str) -> str:
     return f'"{name}"'
 
@@ -81,7 +115,7 @@ class TaskSource:
         self.path = path = _source_path(source)
         self.leave_behind = frozenset(leave_behind)
         journal = path.with_name(path.name + "-journal")
-        if journal.is_file() and journal.stat().st_size > 0:
+        if journal.is_file() and journal.stat().st_size > 0 and not _being_written(path):
             raise DataMigrationError(
                 f"{path} has an unfinished write ({journal.name} beside it): open it once with sqlite3 where it can be "
                 "written (or copy it together with its journal to such a place), then copy from there"
@@ -111,7 +145,9 @@ class TaskSource:
             columns = (
                 {column["name"] for column in inspector.get_columns("tasks")} if inspector.has_table("tasks") else set()
             )
-        except Exception:
+        except Exception as exc:
+            if _busy(exc):
+                raise DataMigrationError(_BUSY.format(path=self.path)) from None
             raise DataMigrationError(f"{self.path} is not a SQLite database") from None
         missing = [name for name in REQUIRED if name not in columns]
         if missing:
@@ -134,6 +170,10 @@ class TaskSource:
             driver = raw.driver_connection
             assert isinstance(driver, sqlite3.Connection)
             checked = check_all(driver, self._present_columns())
+        except sqlite3.OperationalError as exc:
+            if _busy(exc):
+                raise DataMigrationError(_BUSY.format(path=self.path)) from None
+            raise
         finally:
             raw.close()
         if not checked.ok:

@@ -20,8 +20,9 @@ PRIVATE_DIR = 0o700
 def sqlite_uri(path: str | os.PathLike[str], *, read_only: bool) -> str:
     """A `file:` URI naming exactly `path` (percent-encoded) that never creates a file.
 
-    Read-only: a WAL database opened read-only leaves `-wal` and `-shm` files behind, so a file without a
-    `-wal` (nothing uncheckpointed to read) is opened as immutable, which creates nothing. Read-write: the
+    Read-only: a WAL database opened read-only leaves `-wal` and `-shm` files behind, so a WAL file without a
+    `-wal` (nothing uncheckpointed to read) is opened as immutable, which creates nothing; any other file is
+    opened read-only with its locks. Read-write: the
     last connection to close removes the WAL files it made, so a connection that writes nothing leaves the
     directory as it found it.
     """
@@ -29,9 +30,21 @@ def sqlite_uri(path: str | os.PathLike[str], *, read_only: bool) -> str:
     uri = absolute.as_uri()
     if not read_only:
         return f"{uri}?mode=rw"
-    if absolute.with_name(absolute.name + "-wal").exists():
-        return f"{uri}?mode=ro"
-    return f"{uri}?mode=ro&immutable=1"
+    if _in_wal_mode(absolute) and not absolute.with_name(absolute.name + "-wal").exists():
+        return f"{uri}?mode=ro&immutable=1"
+    # A rollback-journal file is read with its locks, never as immutable: a writer may be changing it (an old
+    # agent still running), and reading through its write would see a half-written file.
+    return f"{uri}?mode=ro"
+
+
+def _in_wal_mode(path: Path) -> bool:
+    """Whether the SQLite file's header says WAL (its read and write versions are 2)."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
 
 
 def connect_sqlite(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -287,6 +289,37 @@ def test_a_source_with_an_unfinished_write_is_refused_clearly(
     source.with_name("odd.db-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(504))
     with pytest.raises(DataMigrationError, match="unfinished write"):
         migrate_data(str(source), blank_connection)
+
+
+WRITER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA cache_size = 5")  # a small cache: the write spills into the file before COMMIT
+connection.execute("BEGIN IMMEDIATE")
+connection.execute("UPDATE tasks SET error_message = hex(randomblob(2000))")
+print("writing", flush=True)
+sys.stdin.readline()
+connection.execute("ROLLBACK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite-file"], indirect=True)
+def test_a_source_an_old_agent_is_writing_is_read_with_its_locks_and_said_to_be_busy(
+    blank_connection: DatabaseConnection, tmp_path: Path
+) -> None:
+    source = tmp_path / "legacy.db"
+    legacy_file(source, 300)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(source)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        assert source.with_name("legacy.db-journal").stat().st_size > 0
+        with pytest.raises(DataMigrationError, match="is busy: another process is writing it"):
+            migrate_data(str(source), blank_connection)
+    finally:
+        writer.communicate("done\n", timeout=30)
+    assert migrate_data(str(source), blank_connection).copied == 300
 
 
 def test_rows_without_any_timestamp_are_named(blank_connection: DatabaseConnection, tmp_path: Path) -> None:
