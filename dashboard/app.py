@@ -59,6 +59,8 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
         if chosen.sums_max_age:
             threading.Thread(target=_warm, args=(source, chosen, sums), daemon=True, name="dashboard-warm").start()
         yield
+        # At shutdown (SIGTERM, SIGINT): the server re-raises the signal right after, so this is the last word.
+        source.close()
 
     app = FastAPI(
         title="Agent tasks",

@@ -73,6 +73,14 @@ class DatabaseSource:
                 self._stand_in = None
             return self._connection
 
+    def close(self) -> None:
+        """Close every connection: a SQLite reader's last close removes the -wal and -shm files it opened."""
+        with self._lock:
+            for connection in (self._connection, self._stand_in):
+                if connection is not None:
+                    connection.dispose()
+            self._connection = self._stand_in = None
+
     def _instead(self, reason: str) -> DatabaseConnection:
         if self._awaited is None or self._awaited.exists():
             raise DatabaseUnavailableError(reason)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -711,3 +713,33 @@ def test_the_cookie_is_secure_behind_a_trusted_tls_proxy_only(reader: DatabaseCo
         assert ("; secure" in answer.headers["set-cookie"].lower()) is secure, client
     with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 network"):
         DashboardSettings(trusted_proxies=("proxy.example",))
+
+
+def test_a_dashboard_stopped_by_sigterm_leaves_no_wal_or_shm_files(tmp_path: Path) -> None:
+    database = tmp_path / "contexts" / "tasks.db"
+    writer = DatabaseConnection(DatabaseConfig(sqlite_path=str(database)))
+    upgrade_schema(writer)
+    TaskRepository(writer).create(task_data(user="ivy"))
+    writer.dispose()
+    assert sorted(path.name for path in database.parent.iterdir() if "tasks.db-" in path.name) == []
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "serve", "--port", "0"],
+        cwd=tmp_path,
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        url = re.search(r"dashboard on (\S+) ", server.stdout.readline())
+        assert url is not None
+        with urllib.request.urlopen(url.group(1) + "api/tasks") as answer:  # noqa: S310 (loopback)
+            assert b"ivy" in answer.read()
+        assert (database.parent / "tasks.db-shm").exists()  # the reader is open
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    finally:
+        server.kill()
+        server.communicate()
+    assert sorted(path.name for path in database.parent.iterdir() if "tasks.db-" in path.name) == []
