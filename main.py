@@ -618,7 +618,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         source.connection()
     rule = "token required" if access.required else "no token: this machine only"
     print(f"dashboard on {url_of(sock)} ({rule}); Ctrl-C stops it", flush=True)
-    serve(sock, source, access, settings)
+    serve(sock, source, access, settings, header_seconds=args.header_timeout)
     return 0
 
 
@@ -635,6 +635,13 @@ def _add_serve_command(tree: _CommandTree) -> None:
     server.add_argument("--port", type=_port, default=8080, help="port to listen on, 0 for any free one (default 8080)")
     server.add_argument(
         "--tz", type=_zone_name, default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)"
+    )
+    server.add_argument(
+        "--header-timeout",
+        type=_integer_in(1, 30),
+        default=10,
+        metavar="SECONDS",
+        help="a connection whose request headers are not complete this long after they start is closed (default 10)",
     )
     server.add_argument(
         "--trusted-proxy",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import resource
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -743,3 +745,45 @@ def test_a_dashboard_stopped_by_sigterm_leaves_no_wal_or_shm_files(tmp_path: Pat
         server.kill()
         server.communicate()
     assert sorted(path.name for path in database.parent.iterdir() if "tasks.db-" in path.name) == []
+
+
+def test_clients_that_never_finish_their_headers_are_closed_and_the_log_stays_small(tmp_path: Path) -> None:
+    limit = 200
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "serve", "--port", "0", "--header-timeout", "1"],
+        cwd=tmp_path,
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),  # noqa: PLW1509
+    )
+    slow: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        found = re.search(r"dashboard on http://([\d.]+):(\d+)/ ", server.stdout.readline())
+        assert found is not None
+        address = (found.group(1), int(found.group(2)))
+        for _ in range(limit + 100):  # more than the server has descriptors for
+            connection = socket.create_connection(address, timeout=5)
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: dash\r\nX-Slow: ")
+            slow.append(connection)
+        time.sleep(3)
+        closed = 0
+        for connection in slow:
+            connection.settimeout(0.05)
+            try:
+                closed += connection.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+            except TimeoutError:
+                pass  # still open
+        assert closed == len(slow)
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        for connection in slow:
+            connection.close()
+        server.send_signal(signal.SIGTERM)
+        _, errors = server.communicate(timeout=30)
+    assert len(errors) < 20_000, errors[-2000:]
