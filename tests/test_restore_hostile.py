@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, TaskRepository
@@ -178,3 +180,67 @@ def test_postgresql_restore_fails_the_count_when_rows_go_missing(
         with blank_connection.engine.begin() as conn:
             conn.execute(text("DROP TRIGGER drop_some ON tasks"))
             conn.execute(text("DROP FUNCTION drop_some()"))
+
+
+COLUMN_NAMES = [
+    "uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at", "updated_at",
+    "started_at", "completed_at", "process_id", "hostname", "llm_provider", "model", "context_length",
+    "llm_call_count", "tool_call_count", "total_tokens", "compression_count", "error_message", "user",
+]  # fmt: skip
+VALUES = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(),
+    st.text(max_size=300),
+    st.binary(max_size=20),
+    st.sampled_from(["completed", "RUNNING", "2026-11-30T12:00:00+00:00", "2026-11-30 12:00:00", "0", "-1"]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.lists(st.tuples(st.integers(1, 6), st.sampled_from(COLUMN_NAMES), VALUES), max_size=3))
+def test_whatever_values_a_backup_holds_the_restore_is_whole_or_refused_and_changes_nothing(
+    tmp_path_factory: pytest.TempPathFactory, changes: list[tuple[int, str, object]]
+) -> None:
+    directory = tmp_path_factory.mktemp("restore")
+    path = directory / "contexts" / "tasks.db"
+    kept = database_with_tasks(path, 3)
+    backup = directory / "backup.db"
+    database_with_tasks(backup, 6)
+    with sqlite3.connect(backup) as raw:
+        # A loose copy of the table (no types, no keys), as a crafted backup would have it.
+        columns = ", ".join(f'"{row[1]}"' for row in raw.execute("PRAGMA table_info(tasks)"))
+        raw.execute(f"CREATE TABLE loose ({columns})")
+        raw.execute("INSERT INTO loose SELECT * FROM tasks")
+        raw.execute("DROP TABLE tasks")
+        raw.execute("ALTER TABLE loose RENAME TO tasks")
+        for row, column, value in changes:
+            raw.execute(f'UPDATE tasks SET "{column}" = ? WHERE rowid = ?', (value, row))
+    before = path.read_bytes()
+    try:
+        restore(path, backup)
+    except DatabaseError as exc:
+        assert "nothing was changed" in str(exc) or "cannot be restored" in str(exc)
+        assert path.read_bytes() == before and uuids(path) == kept
+        return
+    connection = DatabaseConnection(DatabaseConfig(sqlite_path=str(path)))
+    try:
+        listed = TaskRepository(connection).list_tasks(limit=100)
+    finally:
+        connection.dispose()
+    assert {task.uuid for task in listed} == uuids(path) and len(listed) >= 1
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=4096))
+def test_a_backup_of_any_bytes_is_refused_without_a_trace(
+    tmp_path_factory: pytest.TempPathFactory, content: bytes
+) -> None:
+    directory = tmp_path_factory.mktemp("bytes")
+    path = directory / "contexts" / "tasks.db"
+    kept = database_with_tasks(path, 2)
+    backup = directory / "backup.db"
+    backup.write_bytes(content)
+    with pytest.raises(DatabaseError):
+        restore(path, backup)
+    assert uuids(path) == kept
