@@ -2,7 +2,7 @@
 
 A row is read as the bytes SQLite holds (so text that is not UTF-8 is found, not raised on) and turned into the
 values of today's schema, or into problems naming the task, the column, the value and the fix. What has a way
-through is carried over, and documented (README, "Upgrading an existing installation"):
+through is carried over, and documented (docs/upgrading.md):
 
 - a uuid in upper case, or with braces, becomes its canonical lower-case form; rows that then share a uuid are
   merged when they are identical, and refused otherwise;

@@ -1,4 +1,4 @@
-"""Mutation runs of the suite, one part of the code at a time (README, "Measuring the tests").
+"""Mutation runs of the suite, one part of the code at a time (docs/testing.md).
 
     .venv/bin/python -m tests.mutation_runs PART [--survivors]
 

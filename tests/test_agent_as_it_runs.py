@@ -63,7 +63,7 @@ class PlanningHistoryStore:
 
 
 class AgentTaskContextManager(TaskContextManager):
-    """The agent's manager, ported as the README's adoption section says."""
+    """The agent's manager, ported as docs/adopting.md says."""
 
     def open_extra_stores(self) -> None:
         self.planning_dir = self.context_dir / "planning"

@@ -1,7 +1,7 @@
 """The dashboard as a user sees it: `python main.py serve` on a public bind, driven in a real headless Chromium.
 
 The screenshots are saved beside the test's files, and also into $DASHBOARD_SCREENSHOTS when it names a
-directory (the README's pictures are made that way).
+directory (the pictures in docs/ are made that way).
 """
 
 from __future__ import annotations
