@@ -30,7 +30,7 @@ from db.backup import backup_database, restore_database
 from db.config import SETTINGS, load_base_dir
 from db.connection import describe_driver_error
 from db.data_migration import MAX_BATCH, migrate_data
-from db.redaction import redact_secrets
+from db.redaction import MASK, redact_secrets
 from db.repositories.task_repository import MAX_PAGE, PREVIOUS_STATUSES
 from db.repositories.task_usage import MAX_DAYS, time_zone
 from db.schema import SchemaState, require_current_schema, schema_state, upgrade_schema
@@ -83,10 +83,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     for setting in SETTINGS:
         name = setting.field
         value = getattr(config.pool, name.removeprefix("pool_")) if name.startswith("pool_") else getattr(config, name)
-        if name == "password" and value:
-            value = "***"
-        elif name == "url" and value:
-            value = config.safe_url
+        if setting.secret and value:
+            # A URL is shown with only its secrets masked; any other secret setting not at all.
+            value = config.safe_url if name == "url" else MASK
         rows.append((name, "-" if value is None else str(value), config.sources.get(name, "default")))
     rows.append(("effective url", config.safe_url, "derived"))
     _print_table(("setting", "value", "source"), rows)
@@ -259,7 +258,7 @@ def cmd_tasks_list(args: argparse.Namespace) -> int:
             (
                 task.uuid,
                 task.status,
-                _describe_task(task),
+                task.reference(),
                 task.user or "-",
                 f"{task.created_at:%Y-%m-%d %H:%M:%S}",
                 str(task.llm_call_count),
@@ -337,7 +336,7 @@ def cmd_tasks_history(args: argparse.Namespace) -> int:
             (
                 task.uuid,
                 task.status,
-                _describe_task(task),
+                task.reference(),
                 task.user or "-",
                 f"{task.completed_at:%Y-%m-%d %H:%M:%S}" if task.completed_at else "-",
                 f"{task.total_tokens:,}",
@@ -412,13 +411,6 @@ def _shown(task: Task) -> dict[str, Any]:
     if data.get("error_message"):
         data["error_message"] = redact_secrets(data["error_message"])
     return data
-
-
-def _describe_task(task: Task) -> str:
-    if task.task_source == "gitlab":
-        separator = "!" if task.task_type == "merge_request" else "#"
-        return f"gitlab {task.repo}{separator}{task.task_id}"
-    return f"{task.task_source} {task.owner}/{task.repo}#{task.task_id}"
 
 
 def printable(text: str) -> str:

@@ -62,10 +62,6 @@ def _age(start: datetime | None, now: datetime) -> str:
     return f"{minutes}m {seconds}s"
 
 
-def _task_name(task: Task) -> str:
-    return f"{task.owner}/{task.repo} {task.task_type} #{task.task_id}"
-
-
 def _number(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
@@ -79,7 +75,7 @@ templates = Environment(
     autoescape=select_autoescape(default=True, default_for_string=True),
     undefined=StrictUndefined,
 )
-templates.filters.update(when=_when, age=_age, task_name=_task_name, number=_number, redact=_redact)
+templates.filters.update(when=_when, age=_age, task_name=Task.reference, number=_number, redact=_redact)
 
 
 def _signed_in(request: Request) -> bool:

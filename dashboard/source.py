@@ -74,12 +74,13 @@ class DatabaseSource:
             return self._connection
 
     def close(self) -> None:
-        """Close every connection: a SQLite reader's last close removes the -wal and -shm files it opened."""
+        """Close every connection to a database on disk: a SQLite reader's last close removes the -wal and -shm
+        files it opened. An in-memory database is left open: closing it would lose it, and it leaves no file."""
         with self._lock:
             for connection in (self._connection, self._stand_in):
-                if connection is not None:
+                if connection is not None and not connection.config.is_sqlite_memory:
                     connection.dispose()
-            self._connection = self._stand_in = None
+            self._connection = None
 
     def _instead(self, reason: str) -> DatabaseConnection:
         if self._awaited is None or self._awaited.exists():

@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import NoSuchModuleError
 
 from db.errors import DatabaseConfigError
+from db.redaction import MASK
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ MEMORY = ":memory:"
 DEFAULT_SOURCE = "default"
 # Query parameters of a URL that hold secrets: libpq takes `password` and `sslpassword` there too.
 SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
-MASK = "***"
 
 
 @dataclass(frozen=True)

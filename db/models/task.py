@@ -114,6 +114,14 @@ class Task(TimestampMixin, Base):
             result[column.key] = value.isoformat() if isinstance(value, datetime) else value
         return result
 
+    def reference(self) -> str:
+        """The issue or merge request, as every page and command names it: `github acme/web#42`,
+        `gitlab 321!6` (a merge request), `gitlab 321#5` (an issue)."""
+        if self.task_source == "gitlab":
+            separator = "!" if self.task_type == "merge_request" else "#"
+            return f"gitlab {self.repo}{separator}{self.task_id}"
+        return f"{self.task_source} {self.owner}/{self.repo}#{self.task_id}"
+
     def __repr__(self) -> str:
         return f"Task(uuid={self.uuid!r}, status={self.status!r}, {self.task_source}:{self.owner}/{self.repo})"
 
