@@ -19,8 +19,8 @@ from db import DatabaseConfig, DatabaseConnection
 from db.data_migration import migrate_data
 from db.migration_source import COLUMNS, TaskSource
 from db.schema import upgrade_schema
-from tests.legacy_db import write_legacy_db
-from tests.postgres_server import PostgresServer, start_postgres
+from tests.support.legacy_db import write_legacy_db
+from tests.support.postgres_server import PostgresServer, start_postgres
 
 
 def fresh_database(server: PostgresServer, name: str) -> DatabaseConnection:

@@ -33,8 +33,8 @@ from context_storage import GitHubIssueTaskKey, TaskContextManager
 from db import DatabaseConfig, DatabaseConnection, PoolConfig, TaskRepository
 from db.backup import find_pg_tool
 from db.schema import upgrade_schema
-from tests.pgbouncer import PgBouncer
-from tests.postgres_server import start_postgres
+from tests.support.pgbouncer import PgBouncer
+from tests.support.postgres_server import start_postgres
 
 TIMED = ("create", "update", "update_status", "update_statistics", "complete", "fail", "get_by_uuid")
 STATISTICS_PER_TASK = 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import uuid
@@ -10,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 
 from db import Base, DatabaseConfig, DatabaseConnection, Task, TaskRepository
-from tests.postgres_server import PostgresServer, PostgresUnavailableError, start_postgres
+from tests.support.agent import LLM
+from tests.support.data import empty_tasks_table, task_data, url_config
+from tests.support.postgres_server import TEST_DATABASE, PostgresServer, PostgresUnavailableError, start_postgres
 
 BACKENDS = ("sqlite-memory", "sqlite-file", "postgresql")
-TEST_DATABASE = "agent_test"
 
 
 def _running_postgres(*, need_cluster: bool) -> Iterator[PostgresServer]:
@@ -120,21 +121,6 @@ def _settings_of_the_tests_only() -> Iterator[None]:
         os.environ.update(inherited)
 
 
-def child_environment() -> dict[str, str]:
-    """The environment for a program a test starts: no DATABASE_* or APP_ENV of the shell. Under mutation
-    testing's coverage pass (MUTANT_UNDER_TEST=stats), which only works inside its own directory, the child
-    runs the code unmutated."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("DATABASE_", "APP_ENV")) and not (key == "MUTANT_UNDER_TEST" and value == "stats")
-    }
-
-
-def url_config(url: URL, **overrides: Any) -> DatabaseConfig:
-    return DatabaseConfig(url=url.render_as_string(hide_password=False), **overrides)
-
-
 @pytest.fixture(autouse=True)
 def _forget_connection() -> Iterator[None]:
     DatabaseConnection.reset()
@@ -154,14 +140,6 @@ def db_config(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> D
     if backend == "sqlite-file":
         return DatabaseConfig(sqlite_path=str(tmp_path / "tasks.db"))
     return url_config(request.getfixturevalue("postgres_url"))
-
-
-def empty_tasks_table(config: DatabaseConfig) -> DatabaseConnection:
-    """The connection initialised with `config`, on an empty schema (the autouse fixture resets it)."""
-    conn = DatabaseConnection.initialize(config)
-    Base.metadata.drop_all(conn.engine)
-    conn.create_tables()
-    return conn
 
 
 @pytest.fixture
@@ -187,19 +165,6 @@ def repo(connection: DatabaseConnection) -> TaskRepository:
     return TaskRepository(connection)
 
 
-def task_data(**overrides: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "uuid": str(uuid.uuid4()),
-        "task_source": "github",
-        "owner": "notfolder",
-        "repo": "coding_agent",
-        "task_type": "issue",
-        "task_id": "42",
-    }
-    data.update(overrides)
-    return data
-
-
 @pytest.fixture
 def make_task(repo: TaskRepository) -> Callable[..., Task]:
     def make(**overrides: Any) -> Task:
@@ -208,6 +173,15 @@ def make_task(repo: TaskRepository) -> Callable[..., Task]:
     return make
 
 
-def count_rows(connection: DatabaseConnection) -> int:
-    with connection.session_scope() as session:
-        return int(session.scalar(select(func.count()).select_from(Task)) or 0)
+@pytest.fixture
+def agent_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """A configuration as the agent passes it: context storage, the LLM, the database. Managers the test left
+    unfinished let go of their tasks at its end, not in the middle of another test."""
+    database: dict[str, Any] = {"type": "sqlite", "sqlite": {"path": "tasks.db"}}
+    if backend == "postgresql":
+        request.getfixturevalue("blank_connection")
+        DatabaseConnection.reset()
+        url: URL = request.getfixturevalue("postgres_url")
+        database = {"url": url.render_as_string(hide_password=False)}
+    yield {"context_storage": {"base_dir": str(tmp_path / "contexts")}, "llm": LLM, "database": database}
+    gc.collect()

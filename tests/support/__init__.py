@@ -1,0 +1,1 @@
+"""Helpers the tests share: servers, data, the CLI, the agent's configuration."""
