@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY db ./db
 COPY context_storage ./context_storage
 COPY dashboard ./dashboard
+COPY cli ./cli
 RUN pip install --no-cache-dir .
 
 COPY main.py config.yaml alembic.ini ./
