@@ -1,0 +1,81 @@
+"""`serve`: the read-only web dashboard and JSON API."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from pathlib import Path
+
+from cli.arguments import integer_in, network, port, zone_name
+from cli.connect import open_read_only_at_head
+from cli.tree import CommandTree
+from db import DatabaseConfig, DatabaseError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # FastAPI and uvicorn are loaded for this command only: the agent itself starts without them.
+    from dashboard import Access, DashboardSettings, DatabaseSource  # noqa: PLC0415
+    from dashboard.server import bind, serve, url_of  # noqa: PLC0415
+
+    access = Access.for_bind(args.host, os.environ)
+    settings = DashboardSettings(
+        zone=args.tz,
+        refresh_seconds=args.refresh,
+        sums_max_age=args.usage_cache,
+        trusted_proxies=tuple(args.trusted_proxy),
+    )
+    config = DatabaseConfig.load(args.config)
+    on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
+    sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
+    source = DatabaseSource(lambda: open_read_only_at_head(args, wait=False), empty_until_created=sqlite_file)
+    sock = bind(args.host, args.port)
+    with contextlib.suppress(DatabaseError):
+        # Opened now to report a problem at once (the source logs it); the pages show it until it is fixed.
+        source.connection()
+    rule = "token required" if access.required else "no token: this machine only"
+    print(f"dashboard on {url_of(sock)} ({rule}); Ctrl-C stops it", flush=True)
+    serve(sock, source, access, settings, header_seconds=args.header_timeout)
+    return 0
+
+
+def register(tree: CommandTree) -> None:
+    server = tree.groups.add_parser(
+        "serve",
+        help="read-only web dashboard and JSON API over the tasks table",
+        description="Read-only web dashboard and JSON API over the tasks table. Off loopback, DASHBOARD_TOKEN "
+        "must be set; requests then carry it (Authorization: Bearer, or the sign-in page).",
+    )
+    server.set_defaults(handler=cmd_serve)
+    tree.listed.append(("serve", "read-only web dashboard and JSON API over the tasks table"))
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=port, default=8080, help="port to listen on, 0 for any free one (default 8080)")
+    server.add_argument(
+        "--tz", type=zone_name, default="UTC", help="time zone of the pages, e.g. Asia/Tokyo (default UTC)"
+    )
+    server.add_argument(
+        "--header-timeout",
+        type=integer_in(1, 30),
+        default=10,
+        metavar="SECONDS",
+        help="a connection whose request headers are not complete this long after they start is closed (default 10)",
+    )
+    server.add_argument(
+        "--trusted-proxy",
+        type=network,
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a reverse proxy (address or network) whose X-Forwarded-Proto and -For are believed; repeatable",
+    )
+    server.add_argument(
+        "--refresh", type=integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"
+    )
+    server.add_argument(
+        "--usage-cache",
+        type=integer_in(0, 3600),
+        default=30,
+        metavar="SECONDS",
+        help="token sums over every task are computed at most this often, in the background (default 30; 0: "
+        "at every request)",
+    )

@@ -1,0 +1,204 @@
+"""`tasks ...`: reading the tasks table, earlier runs, usage, and reconciling task folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+
+from cli.arguments import days, positive_limit, zone_name
+from cli.connect import open_read_only, open_read_only_at_head, open_read_write
+from cli.output import EXIT_ERROR, print_bars, print_table, printable, shown
+from cli.tree import CommandTree
+from context_storage.metadata_file import DamagedMetadataError
+from context_storage.reconcile import find_discrepancies
+from context_storage.task_lock import TaskAlreadyRunningError
+from db import DatabaseError, TaskRepository, TaskStatus, TaskUsageQuery
+from db.config import load_base_dir
+from db.repositories.task_repository import PREVIOUS_STATUSES
+from db.schema import require_current_schema
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    connection = open_read_only_at_head(args)
+    tasks = TaskRepository(connection).list_tasks(status=args.status, user=args.user, limit=args.limit)
+    if args.json:
+        print(json.dumps([shown(task) for task in tasks], ensure_ascii=False, indent=2))
+        return 0
+    print_table(
+        ("uuid", "status", "task", "user", "created_at", "llm", "tools", "tokens"),
+        [
+            (
+                task.uuid,
+                task.status,
+                task.reference(),
+                task.user or "-",
+                f"{task.created_at:%Y-%m-%d %H:%M:%S}",
+                str(task.llm_call_count),
+                str(task.tool_call_count),
+                str(task.total_tokens),
+            )
+            for task in tasks
+        ],
+    )
+    return 0
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> int:
+    connection = open_read_only_at_head(args)
+    task = TaskRepository(connection).get_by_uuid(args.uuid)
+    if task is None:
+        print(f"error: no task {args.uuid}", file=sys.stderr)
+        return EXIT_ERROR
+    data = shown(task)
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+    else:
+        width = max(len(key) for key in data)
+        for key, value in data.items():
+            print(f"{key:<{width}}  {'-' if value is None else printable(str(value))}")
+    return 0
+
+
+def cmd_tasks_usage(args: argparse.Namespace) -> int:
+    connection = open_read_only_at_head(args)
+    query = TaskUsageQuery(connection)
+    usages = query.per_user(zone=args.tz, user=args.user)
+    daily = query.daily(days=args.days, zone=args.tz, user=args.user) if args.user is not None else []
+    if args.json:
+        document: dict[str, object] = {"time_zone": args.tz, "users": [asdict(usage) for usage in usages]}
+        if args.user is not None:
+            document["daily"] = [{"day": entry.day.isoformat(), "tokens": entry.tokens} for entry in daily]
+        print(json.dumps(document, ensure_ascii=False, indent=2))
+        return 0
+    print(f"tokens by user ({args.tz}; weeks start on Monday)")
+    print_table(
+        ("user", "today", "week", "month", "total"),
+        [
+            (usage.user or "-", *(f"{value:,}" for value in (usage.today, usage.week, usage.month, usage.total)))
+            for usage in usages
+        ],
+    )
+    if daily:
+        print(f"\n{args.user}: tokens per day, last {args.days} days")
+        print_bars([(f"{entry.day:%Y-%m-%d %a}", entry.tokens) for entry in daily])
+    return 0
+
+
+def cmd_tasks_history(args: argparse.Namespace) -> int:
+    connection = open_read_only_at_head(args)
+    fields = parse_task_reference(args.reference)
+    since = datetime.now(UTC) - timedelta(days=args.days) if args.days is not None else None
+    statuses = [status.value for status in TaskStatus] if args.all else list(PREVIOUS_STATUSES)
+    runs = TaskRepository(connection).find_previous(
+        task_source=fields["task_source"],
+        owner=fields["owner"],
+        repo=fields["repo"],
+        task_type=fields["task_type"],
+        task_id=fields["task_id"],
+        statuses=statuses,
+        since=since,
+        limit=args.limit,
+    )
+    if args.json:
+        print(json.dumps([task.to_dict() for task in runs], ensure_ascii=False, indent=2))
+        return 0
+    print_table(
+        ("uuid", "status", "task", "user", "completed_at", "tokens"),
+        [
+            (
+                task.uuid,
+                task.status,
+                task.reference(),
+                task.user or "-",
+                f"{task.completed_at:%Y-%m-%d %H:%M:%S}" if task.completed_at else "-",
+                f"{task.total_tokens:,}",
+            )
+            for task in runs
+        ],
+    )
+    return 0
+
+
+def cmd_tasks_reconcile(args: argparse.Namespace) -> int:
+    # A dry run only reads: a read-only connection, which leaves a SQLite file and its directory as they are.
+    connection = open_read_write(args) if args.yes else open_read_only(args)
+    require_current_schema(connection)
+    repository = TaskRepository(connection)
+    base_dir = load_base_dir(args.config)
+    found = find_discrepancies(base_dir, repository)
+    if not found:
+        print(f"task directories under {base_dir} and rows agree")
+        return 0
+    print_table(
+        ("uuid", "problem", "fix" if args.yes else "fix with --yes"),
+        [(item.uuid, item.problem, item.fix or "- (look at it by hand)") for item in found],
+    )
+    if not args.yes:
+        return EXIT_ERROR
+    fixed = 0
+    for item in found:
+        if item.apply is None:
+            continue
+        try:
+            item.apply()
+            fixed += 1
+        except (TaskAlreadyRunningError, DamagedMetadataError, DatabaseError, ValueError, OSError) as exc:
+            # One task that cannot be repaired now stops no other.
+            print(f"skipped {item.uuid}: {printable(str(exc))}", file=sys.stderr)
+    print(f"fixed {fixed} of {len(found)}")
+    return 0 if fixed == len(found) else EXIT_ERROR
+
+
+def parse_task_reference(reference: str) -> dict[str, str | None]:
+    """`OWNER/REPO#N` (GitHub issue or pull request), `PROJECT!IID` (GitLab merge request) or
+    `gitlab:PROJECT#IID` (GitLab issue) as task fields."""
+    text = reference.strip()
+    gitlab = text.startswith("gitlab:")
+    text = text.removeprefix("gitlab:").removeprefix("github:")
+    for separator, kind in (("!", "merge_request"), ("#", "issue")):
+        project, found, number = text.rpartition(separator)
+        if found and project and number.isascii() and number.isdigit():
+            if separator == "!" or gitlab:
+                return {"task_source": "gitlab", "owner": "", "repo": project, "task_type": kind, "task_id": number}
+            owner, slash, repo = project.partition("/")
+            if slash and owner and repo and "/" not in repo:
+                return {"task_source": "github", "owner": owner, "repo": repo, "task_type": None, "task_id": number}
+    raise ValueError(
+        f"cannot read {reference!r} as a task: use OWNER/REPO#NUMBER (GitHub), PROJECT!IID (GitLab merge request) "
+        "or gitlab:PROJECT#IID (GitLab issue)"
+    )
+
+
+def register(tree: CommandTree) -> None:
+    tasks = tree.group("tasks", "read the tasks table")
+    listing = tree.command(tasks, "list", cmd_tasks_list, "list tasks, newest first")
+    listing.add_argument("--status", help="running, completed, failed or stopped")
+    listing.add_argument("--user", help="only this user's tasks")
+    listing.add_argument("--limit", type=positive_limit, default=50, help="at most this many (1..1000, default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = tree.command(tasks, "show", cmd_tasks_show, "show one task")
+    show.add_argument("uuid")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    usage = tree.command(tasks, "usage", cmd_tasks_usage, "tokens per user: today, this week, this month, all time")
+    usage.add_argument("--user", help="only this user, with a per-day chart")
+    usage.add_argument("--days", type=days, default=14, help="days in the per-day chart (default 14)")
+    usage.add_argument(
+        "--tz", type=zone_name, default="UTC", help="time zone of the calendar days, e.g. Asia/Tokyo (default UTC)"
+    )
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    history = tree.command(tasks, "history", cmd_tasks_history, "earlier runs of an issue or merge request")
+    history.add_argument("reference", help="OWNER/REPO#NUMBER, PROJECT!IID or gitlab:PROJECT#IID")
+    history.add_argument("--days", type=days, default=None, help="only runs completed in the last N days")
+    history.add_argument("--all", action="store_true", help="every status, not only completed and stopped runs")
+    history.add_argument("--limit", type=positive_limit, default=20, help="at most this many (default 20)")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    reconcile = tree.command(
+        tasks,
+        "reconcile",
+        cmd_tasks_reconcile,
+        "compare task directories with their rows after crashes and outages; --yes puts them in step",
+    )
+    reconcile.add_argument("--yes", action="store_true", help="make the fixes listed")

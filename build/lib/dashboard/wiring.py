@@ -1,0 +1,71 @@
+"""What every route receives from the app: its settings, a reader over the database, the time zone asked for."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, cast
+
+from fastapi import Depends, Query, Request
+
+from dashboard.access import Access
+from dashboard.readers import DashboardReader
+from dashboard.refreshing import RefreshingValues
+from dashboard.source import DatabaseSource
+from db.models import utcnow
+from db.repositories.task_usage import time_zone
+
+MAX_SUMS_AGE = 3600
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """`zone`: the time zone of pages and of API answers that do not name one. `sums_max_age`: seconds for
+    which sums over the whole table are reused (0: computed at every request). `clock`: "now" (tests fix it).
+    `trusted_proxies`: addresses or networks of reverse proxies whose X-Forwarded-Proto and X-Forwarded-For
+    are believed (the scheme decides whether the sign-in cookie is Secure; the client, whose attempts count)."""
+
+    zone: str = "UTC"
+    refresh_seconds: int = 15
+    sums_max_age: float = 0.0
+    clock: Callable[[], datetime] = field(default=utcnow)
+    trusted_proxies: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        time_zone(self.zone)
+        for proxy in self.trusted_proxies:
+            ipaddress.ip_network(proxy, strict=False)  # ValueError naming it
+        if self.refresh_seconds < 1:
+            raise ValueError(f"refresh_seconds must be at least 1, got {self.refresh_seconds}")
+        if not 0 <= self.sums_max_age <= MAX_SUMS_AGE:
+            raise ValueError(f"sums_max_age must be 0..{MAX_SUMS_AGE} seconds, got {self.sums_max_age}")
+
+
+def settings(request: Request) -> DashboardSettings:
+    return cast(DashboardSettings, request.app.state.settings)
+
+
+def access(request: Request) -> Access:
+    return cast(Access, request.app.state.access)
+
+
+def reader(request: Request) -> DashboardReader:
+    source = cast(DatabaseSource, request.app.state.source)
+    sums = cast(RefreshingValues[Any], request.app.state.sums)
+    return DashboardReader(source.connection(), settings(request).clock, sums)
+
+
+def _zone(
+    request: Request,
+    tz: Annotated[
+        str | None, Query(max_length=64, description="IANA time zone, e.g. Asia/Tokyo; the dashboard's by default.")
+    ] = None,
+) -> str:
+    zone = tz or settings(request).zone
+    time_zone(zone)
+    return zone
+
+
+Zone = Annotated[str, Depends(_zone)]

@@ -1,0 +1,302 @@
+"""Backups: pg_dump / pg_restore (custom format) for PostgreSQL, SQLite's online backup API for SQLite files.
+
+Connection settings reach pg_dump and pg_restore through libpq's environment variables (PGPASSWORD among
+them), never through their command line, where other users of the machine could read a password.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from sqlalchemy import delete, func, insert, select
+
+from db.connection import DatabaseConnection
+from db.errors import DatabaseError
+from db.migration_source import DataMigrationError, TaskSource
+from db.models import Task
+from db.private_files import connect_sqlite, written_then_named
+from db.schema import known_revisions, upgrade_schema
+from db.sqlite_backup import backup_engine_database, backup_path_for
+
+# Rows a restore inserts per statement.
+RESTORE_BATCH = 1000
+
+
+def find_pg_tool(name: str) -> str:
+    """pg_dump or pg_restore: from PG_BINDIR, the PATH, or the newest /usr/lib/postgresql/*/bin."""
+    bindir = os.environ.get("PG_BINDIR")
+    if bindir and (Path(bindir) / name).exists():
+        return str(Path(bindir) / name)
+    found = shutil.which(name)
+    if found:
+        return found
+    installed = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda path: int(Path(path).parts[-3]))
+    if installed:
+        return installed[-1]
+    raise DatabaseError(f"{name} not found: install PostgreSQL's client programs (the server's major version or newer)")
+
+
+def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
+    """The process environment plus PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE and SSL settings."""
+    url = connection.config.sqlalchemy_url
+    settings = {
+        "PGHOST": url.host,
+        "PGPORT": str(url.port) if url.port else None,
+        "PGUSER": url.username,
+        "PGPASSWORD": url.password or url.query.get("password"),
+        "PGDATABASE": url.database,
+        "PGSSLMODE": url.query.get("sslmode"),
+        "PGSSLROOTCERT": url.query.get("sslrootcert"),
+        "PGCONNECT_TIMEOUT": str(connection.config.connect_timeout),
+    }
+    return {**os.environ, **{key: str(value) for key, value in settings.items() if value}}
+
+
+def _run_pg_tool(connection: DatabaseConnection, *args: str) -> str:
+    """Run pg_dump or pg_restore with the connection's settings in its environment; its standard output."""
+    result = subprocess.run(
+        [find_pg_tool(args[0]), *args[1:]],
+        env=libpq_environment(connection),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DatabaseError(f"{args[0]} failed: {_last_line(result.stderr, result.returncode)}")
+    return result.stdout
+
+
+def backup_database(connection: DatabaseConnection, output: Path) -> Path:
+    """Write a backup of the configured database to `output`, which must not exist yet.
+
+    The file is private (0600) and gets its name only once complete: a backup cut short is removed.
+    """
+    if output.exists():
+        raise DatabaseError(f"{output} exists; choose a new file")
+    backend = connection.config.backend
+    if backend == "sqlite":
+        if connection.config.is_sqlite_memory:
+            raise DatabaseError("an in-memory database cannot be backed up")
+        return backup_engine_database(connection.engine, output)
+    if backend != "postgresql":
+        raise DatabaseError(f"backups of {backend} databases are not supported")
+    with written_then_named(output) as partial:
+        _run_pg_tool(connection, "pg_dump", "--format=custom", "--no-password", f"--file={partial}")
+    return output
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore brought (`rows`, at schema `revision`) and where the replaced data was kept."""
+
+    rows: int
+    revision: str
+    replaced_copy: Path | None
+
+
+def restore_database(connection: DatabaseConnection, backup: Path) -> RestoreResult:
+    """Replace the configured database's tasks by those in `backup` (made by `backup_database`).
+
+    The backup is verified before anything changes, the data it replaces is first copied aside, and the
+    replacement is one transaction checked before it commits: a failed restore changes nothing.
+    """
+    if not backup.is_file():
+        raise DatabaseError(f"no such backup file: {backup}")
+    backend = connection.config.backend
+    if backend == "sqlite":
+        if connection.config.is_sqlite_memory:
+            raise DatabaseError("an in-memory database cannot be restored into")
+        result = _restore_sqlite(connection, backup)
+    elif backend == "postgresql":
+        result = _restore_postgresql(connection, backup)
+    else:
+        raise DatabaseError(f"restoring {backend} databases are not supported")
+    connection.engine.dispose()
+    return result
+
+
+def _known_revision(revision: object, backup: Path) -> str:
+    if not isinstance(revision, str) or revision not in known_revisions():
+        raise DatabaseError(
+            f"{backup} is at schema revision {revision!r}, which this code does not know "
+            f"(known: {', '.join(sorted(known_revisions()))}); nothing was changed"
+        )
+    return revision
+
+
+def _check_columns(columns: Sequence[str], backup: Path) -> None:
+    expected = {column.key for column in Task.__table__.columns}
+    if set(columns) != expected:
+        missing = sorted(expected - set(columns))
+        extra = sorted(set(columns) - expected)
+        raise DatabaseError(
+            f"{backup} does not hold this code's tasks table (missing: {', '.join(missing) or 'none'}; "
+            f"unexpected: {', '.join(extra) or 'none'}); nothing was changed"
+        )
+
+
+def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResult:
+    """Rows, not schema: the backup is checked whole (integrity, tables, revision, columns, every value, as
+    `db migrate-data` checks a source), then its rows replace the target's in one transaction, into the
+    target's own schema at head. Nothing else crosses: no trigger, view, index or table of the backup's."""
+    revision = _check_sqlite_backup(backup)
+    try:
+        source = TaskSource(str(backup))
+    except DataMigrationError as exc:
+        raise DatabaseError(f"{exc}; nothing was changed") from None
+    try:
+        try:
+            checked = source.check()
+        except DataMigrationError as exc:
+            raise DatabaseError(f"{backup} cannot be restored: {exc}") from None
+        expected = checked.rows - checked.merged
+        upgrade_schema(connection)
+        copy = None
+        if _has_tasks(connection):
+            database = Path(str(connection.config.sqlalchemy_url.database))
+            copy = backup_engine_database(connection.engine, backup_path_for(database, "before-restore"))
+        with connection.session_scope() as session:
+            session.execute(delete(Task))
+            for batch in source.rows(RESTORE_BATCH):
+                session.execute(insert(Task), batch)
+            restored = session.scalar(select(func.count()).select_from(Task))
+            if restored != expected:
+                raise DatabaseError(
+                    f"the restore of {backup} stored {restored} of its {expected} tasks (a trigger of the target "
+                    f"dropping rows?); nothing was changed, and a copy is in {copy}"
+                )
+        return RestoreResult(expected, revision, copy)
+    finally:
+        source.close()
+
+
+def _check_sqlite_backup(backup: Path) -> str:
+    """The schema revision of a whole, undamaged SQLite backup holding a tasks table; DatabaseError if not."""
+    try:
+        source = connect_sqlite(backup, read_only=True)
+    except sqlite3.Error:
+        raise DatabaseError(f"{backup} cannot be opened as a SQLite database") from None
+    try:
+        try:
+            problems = [row[0] for row in source.execute("PRAGMA integrity_check(5)")]
+            tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError:
+            raise DatabaseError(f"{backup} is not a SQLite database") from None
+        if problems != ["ok"]:
+            raise DatabaseError(f"{backup} is damaged ({'; '.join(problems)}); nothing was changed")
+        if "tasks" not in tables or "alembic_version" not in tables:
+            raise DatabaseError(f"{backup} holds no task database (tasks and alembic_version); nothing was changed")
+        _check_columns([row[1] for row in source.execute("PRAGMA table_info(tasks)")], backup)
+        try:
+            stored = source.execute("SELECT max(version_num) FROM alembic_version").fetchone()[0]
+        except sqlite3.Error:
+            stored = None
+        return _known_revision(stored, backup)
+    finally:
+        source.close()
+
+
+def _has_tasks(connection: DatabaseConnection) -> bool:
+    with connection.engine.connect() as conn:
+        return conn.execute(select(Task.uuid).limit(1)).first() is not None
+
+
+def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> RestoreResult:
+    listing = _run_pg_tool(connection, "pg_restore", "--list", "--", str(backup))
+    if not re.search(r"^\d+; \d+ \d+ TABLE DATA \S+ tasks ", listing, re.MULTILINE):
+        raise DatabaseError(f"{backup} holds no data of a tasks table; nothing was changed")
+    version_lines = _run_pg_tool(
+        connection, "pg_restore", "--data-only", "--table=alembic_version", "--file=-", "--", str(backup)
+    ).splitlines()
+    header = next((index for index, line in enumerate(version_lines) if line.startswith("COPY ")), None)
+    stored = version_lines[header + 1] if header is not None and header + 1 < len(version_lines) else None
+    revision = _known_revision(None if stored in (None, "\\.") else stored, backup)
+    process = _start_pg_tool(connection, "pg_restore", "--data-only", "--table=tasks", "--file=-", "--", str(backup))
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        columns = _copy_header(process.stdout, backup)
+        _check_columns(columns, backup)
+        # The schema is brought to head first: the rows of every known revision fit it.
+        upgrade_schema(connection)
+        copy = None
+        with connection.engine.connect() as conn:
+            if conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM tasks)").scalar_one():
+                name = connection.config.sqlalchemy_url.database or "database"
+                copy = backup_database(connection, backup_path_for(backup.parent / f"{name}.dump", "before-restore"))
+        data = _CopyData(process.stdout)
+        with connection.engine.connect() as conn, conn.begin() as transaction:
+            # The old rows stay visible to everyone else until the new ones are in and counted.
+            conn.exec_driver_sql("DELETE FROM tasks")
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            names = ", ".join(f'"{name}"' for name in columns)
+            cursor.copy_expert(f"COPY tasks ({names}) FROM STDIN", data, size=1 << 20)
+            restored = int(conn.exec_driver_sql("SELECT count(*) FROM tasks").scalar_one())
+            errors = process.stderr.read()
+            if process.wait() != 0 or not data.finished or restored != data.rows:
+                transaction.rollback()
+                problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
+                raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    return RestoreResult(restored, revision, copy)
+
+
+def _copy_header(lines: IO[str], backup: Path) -> list[str]:
+    """Read up to the `COPY public.tasks (a, b, ...) FROM stdin;` line of pg_restore's output; its columns."""
+    for line in lines:
+        match = re.match(r"COPY \S+ \((.*)\) FROM stdin;$", line.rstrip("\n"))
+        if match:
+            return [name.strip().strip('"') for name in match.group(1).split(",")]
+    raise DatabaseError(f"{backup} holds no data of a tasks table; nothing was changed")
+
+
+class _CopyData:
+    """The rows of one COPY block of pg_restore's text output, as a file for `copy_expert`."""
+
+    def __init__(self, lines: IO[str]) -> None:
+        self._lines = lines
+        self.rows = 0
+        self.finished = False
+
+    def read(self, size: int = -1) -> str:
+        chunk: list[str] = []
+        length = 0
+        while not self.finished and (size < 0 or length < size):
+            line = self._lines.readline()
+            if not line:
+                break
+            if line == "\\.\n":
+                self.finished = True
+                break
+            chunk.append(line)
+            length += len(line)
+            self.rows += 1
+        return "".join(chunk)
+
+
+def _last_line(stderr: str, returncode: int | None) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def _start_pg_tool(connection: DatabaseConnection, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [find_pg_tool(args[0]), *args[1:]],
+        env=libpq_environment(connection),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+    )

@@ -1,0 +1,388 @@
+"""TaskRepository: every read and write of the `tasks` table."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    Result,
+    Table,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.connection import DatabaseConnection
+from db.errors import TaskAlreadyExistsError
+from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus, utcnow
+from db.models.types import UTCDateTime, canonical_uuid
+from db.unit_of_work import (
+    postgresql_transaction_committed,
+    run_begun_with,
+    run_in_transaction,
+    run_single_statement,
+)
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("uuid", "task_source", "owner", "repo", "task_type", "task_id")
+IMMUTABLE_FIELDS = frozenset({"uuid", "created_at", "updated_at"})
+MAX_PAGE = 1000
+PREVIOUS_STATUSES = (TaskStatus.COMPLETED.value, TaskStatus.STOPPED.value)
+NEWEST_FIRST = (Task.created_at.desc(), Task.uuid.asc())
+
+
+class TaskKeyLike(Protocol):
+    """What identifies a task's issue or merge request: the context_storage task keys have this."""
+
+    def task_fields(self) -> Mapping[str, str]: ...
+
+
+_BY_UUID = select(Task).where(Task.uuid == bindparam("key"))
+
+
+@functools.cache
+def _counter_update(added: tuple[str, ...], postgresql: bool, guarded: bool = False) -> Any:
+    """`UPDATE tasks SET col = col + :add_col ... WHERE uuid = :key` for the counters in `added`, built once.
+
+    Core, not ORM: nothing in a session needs synchronising, and a statement built once skips the per-call
+    construction and cache-key work. Each counter is guarded so that INTEGER cannot overflow (the guard adds
+    in BIGINT); a refused increment matches no row.
+    """
+    table: Table = Task.__table__  # type: ignore[assignment]
+    values: dict[str, Any] = {"updated_at": bindparam("now", type_=UTCDateTime())}
+    guards: list[ColumnElement[bool]] = [table.c.uuid == bindparam("key")]
+    if guarded:
+        guards.append(table.c.updated_at == bindparam("expected", type_=UTCDateTime()))
+    for name in added:
+        amount = bindparam(f"add_{name}", type_=Integer())
+        values[name] = table.c[name] + amount
+        guards.append(cast(table.c[name], BigInteger) + amount <= INT_MAX)
+    statement = update(table).where(*guards).values(values)
+    if postgresql:
+        return statement.returning(
+            literal_column("pg_current_xact_id()::text"), literal_column("pg_postmaster_start_time()::text")
+        )
+    return statement
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_statement(statement: Any, dialect: Any) -> Any:
+    return statement.compile(dialect=dialect)
+
+
+def _for_driver(
+    statement: Any, connection: DatabaseConnection, parameters: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The statement's SQL for the driver (pyformat) and every parameter it takes, its constants included;
+    compiled once per statement."""
+    compiled = _compiled_statement(statement, connection.engine.dialect)
+    return str(compiled), compiled.construct_params(parameters)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(getattr(result, "rowcount", 0))
+
+
+def _column_names() -> frozenset[str]:
+    return frozenset(column.key for column in Task.__table__.columns)
+
+
+class TaskRepository:
+    """Reads and writes tasks; each method is one transaction and returns detached, fully loaded objects."""
+
+    def __init__(self, connection: DatabaseConnection | None = None) -> None:
+        self._connection = connection if connection is not None else DatabaseConnection.get_instance()
+        self._columns = _column_names()
+
+    def ping(self) -> bool:
+        """True when the database answers now (one attempt, no retry); never raises."""
+        return self._connection.health_check()
+
+    def create(self, task_data: Mapping[str, Any]) -> Task:
+        """Insert a new task; `status` defaults to running. Raises TaskAlreadyExistsError for a known uuid."""
+        unknown = sorted(set(task_data) - (self._columns - {"updated_at"}))
+        if unknown:
+            raise ValueError(f"unknown task fields: {', '.join(unknown)}")
+        missing = [name for name in REQUIRED_FIELDS if task_data.get(name) is None]
+        if missing:
+            raise ValueError(f"missing required task fields: {', '.join(missing)}")
+        task = Task(**task_data)
+
+        def work(session: Session) -> Task:
+            session.add(task)
+            return task
+
+        try:
+            run_in_transaction(
+                self._connection,
+                work,
+                "create task",
+                committed=lambda _: self.get_by_uuid(task.uuid) is not None,
+                single_statement=True,
+            )
+        except IntegrityError:
+            if self.get_by_uuid(task.uuid) is not None:
+                raise TaskAlreadyExistsError(f"task {task.uuid} already exists") from None
+            raise
+        logger.debug("created task %s", task.uuid)
+        return task
+
+    def get_by_uuid(self, uuid: str) -> Task | None:
+        """The task with this uuid, or None."""
+        key = canonical_uuid(uuid)
+        task = run_single_statement(
+            self._connection, lambda session: session.scalars(_BY_UUID, {"key": key}).first(), "get task"
+        )
+        if task is None:
+            logger.debug("task %s not found", key)
+        return task
+
+    def update(self, uuid: str, updates: Mapping[str, Any]) -> Task | None:
+        """Set the given columns; None when the task does not exist."""
+        key = canonical_uuid(uuid)
+        immutable = sorted(set(updates) & IMMUTABLE_FIELDS)
+        if immutable:
+            raise ValueError(f"task fields cannot be updated: {', '.join(immutable)}")
+        unknown = sorted(set(updates) - self._columns)
+        if unknown:
+            raise ValueError(f"unknown task fields: {', '.join(unknown)}")
+        values = Task.check_values(updates)
+        # One statement (UPDATE ... RETURNING the row): setting values twice is setting them once.
+        statement = (
+            update(Task)
+            .where(Task.uuid == key)
+            .values({**values, "updated_at": utcnow()})
+            .returning(Task)
+            .execution_options(synchronize_session=False)
+        )
+        task = run_single_statement(self._connection, lambda session: session.scalars(statement).first(), "update task")
+        if task is None:
+            logger.warning("update: task %s does not exist", key)
+        else:
+            logger.debug("updated task %s: %s", key, ", ".join(sorted(values)))
+        return task
+
+    def update_status(self, uuid: str, status: str, error_message: str | None = None) -> bool:
+        """Set the status; a finished status also sets `completed_at` when it is unset."""
+        key = canonical_uuid(uuid)
+        new_status = TaskStatus.parse(status)
+        values: dict[str, Any] = {"status": new_status.value}
+        if error_message is not None:
+            values.update(Task.check_values({"error_message": error_message}))
+        if new_status in FINISHED_STATUSES:
+            now = literal(utcnow(), UTCDateTime())
+            values["completed_at"] = case((Task.completed_at.is_(None), now), else_=Task.completed_at)
+        return self._report(self._update_row(key, values, "update_status"), "update_status", key)
+
+    def update_statistics(
+        self,
+        uuid: str,
+        llm_calls: int = 0,
+        tool_calls: int = 0,
+        tokens: int = 0,
+        compressions: int = 0,
+        *,
+        if_updated_at: datetime | None = None,
+    ) -> bool:
+        """Add to the counters in one atomic UPDATE, so concurrent callers lose nothing.
+
+        `if_updated_at`: add only if the row's `updated_at` is still this (False otherwise, nothing written),
+        which makes writing a batch of increments kept on disk safe to repeat after a crash.
+        """
+        key = canonical_uuid(uuid)
+        amounts = dict(zip(COUNTER_COLUMNS, (llm_calls, tool_calls, tokens, compressions), strict=True))
+        for name, amount in amounts.items():
+            if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= INT_MAX:
+                raise ValueError(f"{name} increment must be an integer in 0..{INT_MAX}, got {amount!r}")
+        added = tuple(name for name, amount in amounts.items() if amount)
+        parameters = {"key": key, "now": utcnow(), **{f"add_{name}": amounts[name] for name in added}}
+        if if_updated_at is not None:
+            parameters["expected"] = Task.check_values({"updated_at": if_updated_at})["updated_at"]
+        found = self._add_to_counters(added, parameters)
+        if not found and added:
+            current = self.get_by_uuid(key)
+            if current is not None and (if_updated_at is None or current.updated_at == if_updated_at):
+                raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
+            if current is not None:
+                logger.debug("update_statistics: task %s changed since %s; nothing added", key, if_updated_at)
+                return False
+        return self._report(found, "update_statistics", key)
+
+    def complete(self, uuid: str) -> bool:
+        """Mark the task completed, now."""
+        values = {"status": TaskStatus.COMPLETED.value, "completed_at": utcnow()}
+        key = canonical_uuid(uuid)
+        return self._report(self._update_row(key, values, "complete"), "complete", key)
+
+    def fail(self, uuid: str, error_message: str) -> bool:
+        """Mark the task failed, now, with its error message."""
+        values = Task.check_values({"error_message": error_message})
+        values.update(status=TaskStatus.FAILED.value, completed_at=utcnow())
+        key = canonical_uuid(uuid)
+        return self._report(self._update_row(key, values, "fail"), "fail", key)
+
+    def list_by_status(self, status: str, limit: int = 100, offset: int = 0) -> list[Task]:
+        """Tasks in this status, newest first."""
+        return self.list_tasks(status=status, limit=limit, offset=offset)
+
+    def list_by_user(self, user: str, limit: int = 100, offset: int = 0) -> list[Task]:
+        """Tasks of this user, newest first."""
+        return self.list_tasks(user=user, limit=limit, offset=offset)
+
+    def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        after: str | None = None,
+    ) -> list[Task]:
+        """Tasks matching every filter given, newest `created_at` first, ties by uuid.
+
+        `after`: the uuid of the last task of the previous page; the page starts right after it, wherever
+        the listing has moved since, and costs the same at any depth (unlike `offset`). A uuid that names
+        no task gives an empty page.
+        """
+        conditions: list[ColumnElement[bool]] = []
+        if status is not None:
+            conditions.append(Task.status == TaskStatus.parse(status).value)
+        if user is not None:
+            conditions.append(Task.user == Task.check_values({"user": user})["user"])
+        if after is not None:
+            key = canonical_uuid(after)
+            anchor = select(Task.created_at).where(Task.uuid == key).scalar_subquery()
+            # The first condition alone bounds the index range; the second drops the anchor's ties up to it.
+            conditions += [Task.created_at <= anchor, or_(Task.created_at < anchor, Task.uuid > key)]
+        return self._list(and_(true(), *conditions), limit, offset)
+
+    def find_previous(
+        self,
+        task_key: TaskKeyLike | None = None,
+        *,
+        task_source: str | None = None,
+        owner: str | None = None,
+        repo: str | None = None,
+        task_type: str | None = None,
+        task_id: str | None = None,
+        statuses: Sequence[str] = PREVIOUS_STATUSES,
+        since: datetime | None = None,
+        limit: int = 10,
+    ) -> list[Task]:
+        """Earlier runs of one issue or merge request, most recently completed first.
+
+        Give a task key (anything with `task_fields()`) or the fields; `task_type=None` matches every type
+        (a GitHub number is shared by issues and pull requests). `since` keeps runs completed at or after it.
+        Served by ix_tasks_task_source_owner_repo.
+        """
+        given = {"task_source": task_source, "owner": owner, "repo": repo, "task_type": task_type, "task_id": task_id}
+        if task_key is not None:
+            if any(value is not None for value in given.values()):
+                raise ValueError("give either a task key or task fields, not both")
+            given = {name: task_key.task_fields()[name] for name in given}
+        missing = [name for name in ("task_source", "owner", "repo", "task_id") if given[name] is None]
+        if missing:
+            raise ValueError(f"missing task fields: {', '.join(missing)}")
+        values = Task.check_values({name: value for name, value in given.items() if value is not None})
+        if isinstance(statuses, str) or not statuses:
+            raise ValueError("statuses must be a non-empty sequence of task statuses")
+        conditions = [getattr(Task, name) == value for name, value in values.items()]
+        conditions.append(Task.status.in_([TaskStatus.parse(status).value for status in statuses]))
+        if since is not None:
+            conditions.append(Task.completed_at >= Task.check_values({"completed_at": since})["completed_at"])
+        order = (Task.completed_at.desc().nulls_last(), Task.created_at.desc(), Task.uuid.asc())
+        return self._list(and_(*conditions), limit, 0, order)
+
+    def delete(self, uuid: str) -> bool:
+        """Delete the task; False when it did not exist."""
+        key = canonical_uuid(uuid)
+        statement = delete(Task).where(Task.uuid == key)
+        # On PostgreSQL one statement in autocommit; if its answer is lost, a task no longer there was deleted.
+        # `found` is None there (the answer never came): only the row can tell, as it can after a lost COMMIT of
+        # a DELETE that found the row; one that found none changed nothing.
+        deleted = run_in_transaction(
+            self._connection,
+            lambda session: _rowcount(session.execute(statement)) > 0,
+            "delete task",
+            committed=lambda found: found is False or self.get_by_uuid(key) is None,
+            single_statement=True,
+        )
+        return self._report(deleted is not False, "delete", key)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Number of tasks in each status, every status listed."""
+        statement = select(Task.status, func.count()).group_by(Task.status)
+        rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "count tasks")
+        counts = dict.fromkeys((status.value for status in TaskStatus), 0)
+        counts.update({status: int(count) for status, count in rows})
+        return counts
+
+    def _update_row(self, key: str, values: Mapping[str, Any], operation: str) -> bool:
+        """Set values on one row: doing it twice leaves what doing it once does, so it is always redone."""
+        # A Core UPDATE does not fire onupdate: updated_at is set here.
+        statement = update(Task).where(Task.uuid == key).values({**values, "updated_at": utcnow()})
+        return run_single_statement(
+            self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation
+        )
+
+    def _add_to_counters(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
+        """Add to counters: never redone once it may have committed. On PostgreSQL BEGIN and the UPDATE go in
+        one message and the transaction id comes back with it, so the work takes two round trips and a COMMIT
+        whose answer was lost can be looked up."""
+        postgresql = self._connection.config.backend == "postgresql"
+        statement = _counter_update(added, postgresql, "expected" in parameters)
+        if not postgresql:
+            found = run_in_transaction(
+                self._connection,
+                lambda session: _rowcount(session.execute(statement, parameters)) > 0,
+                "update_statistics",
+            )
+            return found
+
+        def committed(row: tuple[Any, ...]) -> bool:
+            return postgresql_transaction_committed(self._connection, str(row[0]), str(row[1]))
+
+        sql, values = _for_driver(statement, self._connection, parameters)
+        outcome = run_begun_with(self._connection, sql, values, "update_statistics", committed)
+        return outcome is not None
+
+    @staticmethod
+    def _report(found: bool, operation: str, key: str) -> bool:
+        if found:
+            logger.debug("%s: task %s", operation, key)
+        else:
+            logger.warning("%s: task %s does not exist", operation, key)
+        return found
+
+    def _list(
+        self,
+        condition: ColumnElement[bool],
+        limit: int,
+        offset: int,
+        order: tuple[ColumnElement[Any], ...] = NEWEST_FIRST,
+    ) -> list[Task]:
+        for name, value, low, high in (("limit", limit, 1, MAX_PAGE), ("offset", offset, 0, None)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+                allowed = f"{low}..{high}" if high else f">= {low}"
+                raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+        statement = select(Task).where(condition).order_by(*order).limit(limit).offset(offset)
+        return run_single_statement(self._connection, lambda session: list(session.scalars(statement)), "list tasks")

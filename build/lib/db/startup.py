@@ -1,0 +1,77 @@
+"""Start-up: configuration -> connection -> schema, the same for main.py and for library callers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from db.config import DatabaseConfig
+from db.connection import DatabaseConnection
+from db.errors import DatabaseConfigError
+from db.schema import SchemaState, require_current_schema, upgrade_schema
+
+logger = logging.getLogger(__name__)
+
+ENVIRONMENTS = ("development", "production")
+
+
+def app_environment(env: Mapping[str, str] | None = None) -> str:
+    """`APP_ENV`: development (default) or production."""
+    value = (os.environ if env is None else env).get("APP_ENV") or "development"
+    if value not in ENVIRONMENTS:
+        raise DatabaseConfigError(f"APP_ENV (environment): must be one of {', '.join(ENVIRONMENTS)}, got {value!r}")
+    return value
+
+
+def prepare_schema(connection: DatabaseConnection, environment: str) -> SchemaState:
+    """Development: create or migrate the schema to head. Production: refuse a schema that is not at head."""
+    if environment == "production":
+        return require_current_schema(connection)
+    result = upgrade_schema(connection)
+    return SchemaState(result.after, result.before.head)
+
+
+def start_database(
+    config: Mapping[str, Any] | str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    startup_timeout: float | None = None,
+) -> DatabaseConnection:
+    """Load the settings, initialise the process's connection and prepare the schema for APP_ENV.
+
+    Once initialised, the process's connection is returned; a `config` naming another database raises
+    RuntimeError (one database per process: `DatabaseConnection.reset()` first). `startup_timeout`: wait at
+    most this long for the database instead of the configured DATABASE_STARTUP_TIMEOUT (0: one attempt).
+    """
+    environment = app_environment(env)
+    if DatabaseConnection.is_initialized():
+        connection = DatabaseConnection.get_instance()
+        if config is not None:
+            _check_same_database(DatabaseConfig.load(config, env), connection.config)
+        return connection
+    connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env), startup_timeout=startup_timeout)
+    prepare_schema(connection, environment)
+    return connection
+
+
+def _check_same_database(wanted: DatabaseConfig, current: DatabaseConfig) -> None:
+    """RuntimeError if `wanted` names another database than the process's; a warning naming the settings
+    (never their values) that differ for the same database, where the process's stand."""
+    if wanted.sqlalchemy_url != current.sqlalchemy_url:
+        raise RuntimeError(
+            f"this process's database is already initialised with {current.safe_url}, and this configuration names "
+            f"{wanted.safe_url}; one process uses one database (DatabaseConnection.reset() first)"
+        )
+    differing = [
+        item.name
+        for item in fields(DatabaseConfig)
+        if item.compare and getattr(wanted, item.name) != getattr(current, item.name)
+    ]
+    if differing:
+        logger.warning(
+            "database settings %s differ from those the process's connection was made with; those stand",
+            ", ".join(differing),
+        )

@@ -1,0 +1,258 @@
+"""Run one unit of work in its own transaction, redoing it after a transient failure when that is safe.
+
+Before COMMIT, a lost connection, a deadlock or a serialization failure leaves nothing behind, so the work
+is redone. A connection lost while COMMIT is in flight leaves the outcome unknown: work that sets values
+(`redo_safe`) is simply redone; work that adds or inserts is first checked with `committed(result)` (on
+PostgreSQL, the transaction's id asked of `pg_xact_status`), and redone only if it did not take effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception
+
+from db.connection import DatabaseConnection, describe_driver_error, retry_policy, use_driver_autocommit
+from db.errors import DatabaseError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# PostgreSQL rolls the whole transaction back on these, so the work can be redone as it is.
+ROLLED_BACK_SQLSTATES = frozenset({"40001", "40P01"})
+# ...and these fail before anything was done: lock not available, too many connections.
+TRANSIENT_SQLSTATES = ROLLED_BACK_SQLSTATES | {"55P03", "53300"}
+# Connection exceptions; operator intervention (admin shutdown, crash shutdown, cannot connect now).
+TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")
+SQLITE_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+STATUS_POLLS = 100
+STATUS_POLL_SECONDS = 0.05
+
+
+class _FailedBeforeCommitError(Exception):
+    """Wraps a failure of the work itself: the transaction was never committed."""
+
+    def __init__(self, error: SQLAlchemyError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.orig = getattr(error, "orig", error)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if not isinstance(exc, _FailedBeforeCommitError):
+        return False
+    return is_transient_error(exc.error)
+
+
+def _connection_lost(error: BaseException) -> bool:
+    """The session ended under the work (dropped, terminated by a shutdown): whatever it sent last may or may
+    not have taken effect. Unlike a serialization failure or a deadlock, which roll back."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    original = getattr(error, "orig", None)
+    code = getattr(original, "pgcode", None)
+    if code is not None:
+        return bool(code.startswith(TRANSIENT_SQLSTATE_CLASSES))
+    return isinstance(error, OperationalError) and type(original).__module__.startswith("psycopg2")
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """True for failures that can succeed when tried again: a lost connection, a busy or locked SQLite file,
+    a serialization failure or deadlock, a server shutting down or starting. Anything else (a missing
+    column, a constraint, bad SQL) is raised at once."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    original = getattr(error, "orig", None)
+    code = getattr(original, "pgcode", None)
+    if code is not None:
+        return code in TRANSIENT_SQLSTATES or code.startswith(TRANSIENT_SQLSTATE_CLASSES)
+    sqlite_code = getattr(original, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF in SQLITE_BUSY_CODES
+    # psycopg2 gives no SQLSTATE for a connection that failed or broke: those are worth another try.
+    return isinstance(error, OperationalError) and type(original).__module__.startswith("psycopg2")
+
+
+def run_in_transaction(
+    connection: DatabaseConnection,
+    work: Callable[[Session], T],
+    description: str,
+    *,
+    redo_safe: bool = False,
+    committed: Callable[[T], bool] | None = None,
+    single_statement: bool = False,
+) -> T:
+    """Run `work(session)` in one transaction and commit it, retrying transient failures for `retry_timeout`.
+
+    `redo_safe`: running the work twice leaves the same state as running it once. `committed(result)`: tells,
+    after a COMMIT whose answer was lost, whether it took effect. With neither, such a failure is raised as a
+    `DatabaseError` saying the outcome is unknown. `IntegrityError` is left to the caller to interpret.
+    `single_statement`: the work sends one statement, which on PostgreSQL then commits on its own, in one round
+    trip. It needs `redo_safe`, or `committed` (called with None, for work whose caller ignores the result).
+    """
+    if single_statement and (redo_safe or committed is not None) and connection.config.backend == "postgresql":
+
+        def once() -> T:
+            return _run_autocommitted(connection, work, None if redo_safe else committed)  # type: ignore[return-value, arg-type]
+    else:
+
+        def once() -> T:
+            return _run_once(connection, work, redo_safe, committed)
+
+    return _with_retries(connection, once, description)
+
+
+def run_single_statement(connection: DatabaseConnection, work: Callable[[Session], T], description: str) -> T:
+    """Work that is one statement and safe to redo (a read, or setting values): one round trip on PostgreSQL."""
+    return run_in_transaction(connection, work, description, redo_safe=True, single_statement=True)
+
+
+def _with_retries(connection: DatabaseConnection, once: Callable[[], T], description: str) -> T:
+    """`once()`, then again after each transient failure, with backoff, for up to `retry_timeout`."""
+    try:
+        # The common case pays for no retry machinery: it is set up after a first transient failure.
+        return once()
+    except _FailedBeforeCommitError as failure:
+        if not _is_transient(failure):
+            _raise_failure(failure, description)
+        logger.warning("%s: failed (%s); retrying", description, describe_driver_error(failure))
+    retrying = Retrying(
+        retry=retry_if_exception(_is_transient),
+        **retry_policy(connection.config.retry_timeout, 0.05, 2, description),
+    )
+    try:
+        return retrying(once)
+    except _FailedBeforeCommitError as failure:
+        _raise_failure(failure, description)
+
+
+def _raise_failure(failure: _FailedBeforeCommitError, description: str) -> NoReturn:
+    error = failure.error
+    if isinstance(error, IntegrityError):
+        raise error from None
+    raise DatabaseError(f"{description} failed: {describe_driver_error(error)}") from error
+
+
+def _run_autocommitted(
+    connection: DatabaseConnection, work: Callable[[Session], T], committed: Callable[[T | None], bool] | None
+) -> T | None:
+    """One statement that commits on its own (PostgreSQL). Work that is safe to redo is redone after any
+    failure; otherwise, when the connection was lost with the statement sent, `committed(None)` tells whether
+    it took effect (then None is returned), and if it cannot tell the outcome is reported as unknown."""
+    try:
+        with connection.autocommit_session() as session:
+            result = work(session)
+            session.commit()  # nothing is sent: the statement committed already; the objects stay loaded
+            return result
+    except SQLAlchemyError as error:
+        if committed is None or not _connection_lost(error):
+            raise _FailedBeforeCommitError(error) from error
+        if committed(None):
+            return None
+        raise _FailedBeforeCommitError(error) from error
+
+
+def _run_once(
+    connection: DatabaseConnection, work: Callable[[Session], T], redo_safe: bool, committed: Callable[[T], bool] | None
+) -> T:
+    committing = False
+    try:
+        with connection.session_scope() as session:
+            result = work(session)
+            session.flush()
+            committing = True
+        return result
+    except SQLAlchemyError as error:
+        if not committing or redo_safe or _known_rolled_back(error):
+            raise _FailedBeforeCommitError(error) from error
+        if committed is None or not _connection_lost(error):
+            raise DatabaseError(
+                f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
+            ) from error
+        if committed(result):
+            return result
+        raise _FailedBeforeCommitError(error) from error
+
+
+def run_begun_with(
+    connection: DatabaseConnection,
+    sql: str,
+    parameters: dict[str, Any],
+    description: str,
+    committed: Callable[[tuple[Any, ...]], bool],
+) -> tuple[Any, ...] | None:
+    """PostgreSQL: `BEGIN; <sql>` in one message, then `COMMIT`: two round trips where a transaction around one
+    statement takes three, and still a transaction whose COMMIT can be looked up. `sql` returns one row (or
+    none: then nothing is committed and None returned). A failure before COMMIT is retried like any other;
+    a COMMIT whose answer was lost is resolved by `committed(row)`, never by sending the work again.
+    """
+
+    def once() -> tuple[Any, ...] | None:
+        sent: tuple[Any, ...] | None = None
+        try:
+            with connection.engine.connect() as conn:
+                driver = conn.connection.dbapi_connection
+                use_driver_autocommit(driver)  # client-side: BEGIN is ours to send
+                try:
+                    row = conn.exec_driver_sql(f"BEGIN; {sql}", parameters).first()
+                    if row is not None:
+                        sent = tuple(row)
+                        conn.exec_driver_sql("COMMIT")  # ends the transaction, even when it fails
+                    return sent
+                finally:
+                    if not conn.invalidated and not getattr(driver, "closed", True):
+                        if sent is None:
+                            # Nothing to commit, or a failure before COMMIT: no open transaction reaches the pool.
+                            conn.exec_driver_sql("ROLLBACK")
+                        driver.autocommit = False  # type: ignore[union-attr]
+        except SQLAlchemyError as error:
+            if sent is None or _known_rolled_back(error):
+                raise _FailedBeforeCommitError(error) from error
+            if not _connection_lost(error):
+                raise DatabaseError(
+                    f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
+                ) from error
+            if committed(sent):
+                return sent
+            raise _FailedBeforeCommitError(error) from error
+
+    return _with_retries(connection, once, description)
+
+
+def _known_rolled_back(error: SQLAlchemyError) -> bool:
+    return getattr(getattr(error, "orig", None), "pgcode", None) in ROLLED_BACK_SQLSTATES
+
+
+def postgresql_transaction_committed(connection: DatabaseConnection, transaction_id: str, server_started: str) -> bool:
+    """Whether the PostgreSQL transaction `transaction_id` (pg_current_xact_id()) committed.
+
+    `server_started` is pg_postmaster_start_time() as seen by that transaction. After a server restart the
+    answer is not trustworthy (a crash can hand an unflushed transaction's id to a new one), so the outcome
+    is reported as unknown instead.
+    """
+    query = text("SELECT pg_xact_status(CAST(:xid AS xid8)), CAST(pg_postmaster_start_time() AS text)")
+    for _ in range(STATUS_POLLS):
+        status, started = run_in_transaction(
+            connection,
+            lambda session: tuple(session.execute(query, {"xid": transaction_id}).one()),
+            "check a commit",
+            redo_safe=True,
+        )
+        if started != server_started:
+            break
+        if status in ("committed", "aborted"):
+            return bool(status == "committed")
+        if status is None:
+            break
+        time.sleep(STATUS_POLL_SECONDS)  # still in progress: its COMMIT is being written
+    raise DatabaseError(
+        f"the commit of transaction {transaction_id} was cut off and its outcome is unknown "
+        "(the server restarted meanwhile)"
+    )
