@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -38,10 +39,19 @@ def test_every_package_is_packaged_copied_into_the_image_and_type_checked() -> N
 
 
 def test_a_plain_install_imports_every_package_and_runs_the_command_line(tmp_path: Path) -> None:
+    # Built from a copy of the tree: nothing left over from an earlier build in the clone can slip in.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".mutation", ".hypothesis", "build", "*.egg-info", "__pycache__", "contexts"
+        ),
+    )
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), "."],
-        cwd=ROOT,
+        cwd=source,
         check=True,
         capture_output=True,
     )
