@@ -52,6 +52,41 @@ PRINTED = [
     (f"curl -H 'Authorization: Bearer {SECRET}'", "curl -H 'Authorization: Bearer ***'"),
     ("push failed with ghp_abcdefghijklmnopqrstuvwxyz0123456789", "push failed with ***"),
     ("glpat-abcdefghijklmnopqrstu rejected", "*** rejected"),
+    # .netrc, command lines, headers
+    (f"machine github.com login u password {SECRET}", "machine github.com login u password ***"),
+    (f"machine github.com\n  login u\n  password {SECRET}", "machine github.com\n  login u\n  password ***"),
+    (f"pg_dump --password {SECRET} db", "pg_dump --password *** db"),
+    (f"tool --api-key={SECRET} run", "tool --api-key=*** run"),
+    (f"curl -u user:{SECRET} https://x", "curl -u user:*** https://x"),
+    (f"curl --user user:{SECRET} https://x", "curl --user user:*** https://x"),
+    (f"mysql -p{SECRET} -u root", "mysql -p*** -u root"),
+    (f"sshpass -p {SECRET} ssh host", "sshpass -p *** ssh host"),
+    (f"Cookie: session={SECRET}", "Cookie: ***"),
+    (f"Proxy-Authorization: Basic {SECRET}", "Proxy-Authorization: Basic ***"),
+    # more places a secret hides
+    (
+        f"-----BEGIN RSA PRIVATE KEY-----\nMIIE{SECRET}\n-----END RSA PRIVATE KEY-----",
+        "-----BEGIN RSA PRIVATE KEY-----***-----END RSA PRIVATE KEY-----",
+    ),
+    (f"AccountName=x;AccountKey={SECRET}==;EndpointSuffix=core", "AccountName=x;AccountKey=***;EndpointSuffix=core"),
+    (
+        f"https://acct.blob.core.windows.net/c?sv=2020&sig={SECRET}",
+        "https://acct.blob.core.windows.net/c?sv=2020&sig=***",
+    ),
+    (f"<password>{SECRET}</password>", "<password>***</password>"),
+    (f'<add key="Password" value="{SECRET}"/>', '<add key="Password" value="***"/>'),
+    (f"CREATE USER x IDENTIFIED BY '{SECRET}'", "CREATE USER x IDENTIFIED BY '***'"),
+    (f"DB_PASS={SECRET}", "DB_PASS=***"),
+    (f"Server=x;User Id=u;Pwd={SECRET};", "Server=x;User Id=u;Pwd=***;"),
+    (f":password => '{SECRET}'", ":password => '***'"),
+    (f'failed: password="{SECRET} (cut short', 'failed: password="***'),
+    (f"password=***{SECRET}", "password=***"),
+    (f"password: |\n  {SECRET}\n  more\nuser: bob", "password: |\n  ***\n  ***\nuser: bob"),
+    (f"password:\n  {SECRET}\nuser: bob", "password:\n  ***\nuser: bob"),
+    (f"postgres://user:{SECRET}/x@host/db", "postgres://user:***@host/db"),
+    (f"https%3A%2F%2Fuser%3A{SECRET}%40host", "https%3A%2F%2Fuser%3A***%40host"),
+    ("key AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "key AKIAIOSFODNN7EXAMPLE ***"),
+    ("google AIzaSyA1234567890abcdefghijklmnopqrstuv", "google ***"),
 ]
 
 LEFT_ALONE = [
@@ -67,6 +102,16 @@ LEFT_ALONE = [
 @pytest.mark.parametrize(("printed", "shown"), PRINTED)
 def test_each_form_agents_print_is_masked(printed: str, shown: str) -> None:
     assert redact_secrets(printed) == shown
+
+
+# Long runs that made an earlier version scan to the end of the run from every position (hours at 1 MB).
+ADVERSARIAL = ["a." * 100_000, "v" + ".1" * 100_000, "-".join(["0b9d0c52-5d2c-4c55-9d1c-8e0f8f2c6a01"] * 5000),
+               "://" * 60_000, "a://b" * 40_000, "%3A%2F%2F%3A" * 16_000, "password='" * 20_000]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=lambda text: repr(text[:12]))
+def test_long_runs_are_masked_in_one_pass(text: str) -> None:
+    assert len(redact_secrets(text)) <= len(text) + 8
 
 
 @pytest.mark.parametrize("text", LEFT_ALONE)
