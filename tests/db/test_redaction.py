@@ -81,7 +81,7 @@ PRINTED = [
     (f":password => '{SECRET}'", ":password => '***'"),
     (f'failed: password="{SECRET} (cut short', 'failed: password="***'),
     (f"password=***{SECRET}", "password=***"),
-    (f"password: |\n  {SECRET}\n  more\nuser: bob", "password: |\n  ***\n  ***\nuser: bob"),
+    (f"password: |\n  {SECRET}\n  more\nuser: bob", "password: ***\n  ***\n  ***\nuser: bob"),
     (f"password:\n  {SECRET}\nuser: bob", "password:\n  ***\nuser: bob"),
     (f"postgres://user:{SECRET}/x@host/db", "postgres://user:***@host/db"),
     (f"https%3A%2F%2Fuser%3A{SECRET}%40host", "https%3A%2F%2Fuser%3A***%40host"),
