@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, StrictUndefined, pass_context, select_autoescape
 from jinja2.runtime import Context
+from starlette.requests import ClientDisconnect
 
 from dashboard.access import SESSION_COOKIE, Access
 from dashboard.chart import bar_chart
@@ -217,14 +218,18 @@ def login_form(request: Request, rule: Rule, next: str = "/") -> Response:
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, rule: Rule) -> Response:
     client = request.client.host if request.client else "unknown"
+    try:
+        body = await _form_body(request)
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is there to read an answer
+    # From here to the failure's record nothing awaits: attempts sent at once are counted one after another.
     wait = rule.throttle.wait_for(client)
     if wait:
         # Not even looked at: waiting, not guessing faster, is what the client can do.
         seconds = int(wait) + 1
         message = f"Too many failed sign-ins: try again in {seconds} s."
         return error_page(request, 429, "Too many attempts", message, headers={"Retry-After": str(seconds)})
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
+    if body is None:
         return error_page(request, 413, "Too large", "The sign-in form is larger than any token.")
     form = parse_qs(body.decode("utf-8", errors="replace"), max_num_fields=4)
     next_page = _local(form.get("next", ["/"])[0])
@@ -244,6 +249,18 @@ async def login(request: Request, rule: Rule) -> Response:
         max_age=int(rule.sessions.lifetime),
     )
     return response
+
+
+async def _form_body(request: Request) -> bytes | None:
+    """The sign-in form's bytes, or None when it is larger than any form (read no further than that)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_FORM_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @router.post("/logout")

@@ -59,7 +59,7 @@ def serve(
     """Serve until interrupted (SIGINT or SIGTERM)."""
     app = create_app(source, access, settings)
     allow_file_descriptors()
-    for name in ("uvicorn.error", "asyncio"):
+    for name in ("uvicorn.error", "asyncio", "dashboard.app", "dashboard.pages", "dashboard.source"):
         logging.getLogger(name).addFilter(RepeatedLines())
     config = uvicorn.Config(
         app,
@@ -73,8 +73,8 @@ def serve(
 
 
 class HeadersInTime(H11Protocol):
-    """HTTP/1.1 that closes a connection whose request headers are not all there `header_seconds` after its
-    first byte (or after it opened): a client that trickles headers, or sends none, holds no socket for long."""
+    """HTTP/1.1 that closes a connection whose request (headers and body) is not all there `header_seconds` after
+    its first byte (or after it opened): a client that trickles a request, or sends none, holds no socket long."""
 
     def __init__(self, *args: Any, header_seconds: float = HEADER_SECONDS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -87,7 +87,7 @@ class HeadersInTime(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
+        if self.conn.their_state in _RECEIVING:
             if self._headers_due is None:
                 self._expect_headers()  # a new request on a kept-alive connection
         elif self._headers_due is not None:
@@ -105,8 +105,12 @@ class HeadersInTime(H11Protocol):
 
     def _headers_late(self) -> None:
         self._headers_due = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self.conn.their_state in _RECEIVING and not self.transport.is_closing():
             self.transport.close()
+
+
+# A request still arriving: its headers (IDLE) or its body (SEND_BODY). Both must be whole in time.
+_RECEIVING = (h11.IDLE, h11.SEND_BODY)
 
 
 def allow_file_descriptors() -> None:

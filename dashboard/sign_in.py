@@ -100,7 +100,7 @@ class SignInThrottle:
         with self._lock:
             failures = self._clients.pop(client, None) or _Failures(0, 0.0)
             failures.count += 1
-            beyond = failures.count - FREE_FAILURES
+            beyond = failures.count - FREE_FAILURES + 1
             if beyond > 0:
                 wait = min(FIRST_WAIT_SECONDS * 2 ** min(beyond - 1, 32), LONGEST_WAIT_SECONDS)
                 failures.blocked_until = self._clock() + wait
