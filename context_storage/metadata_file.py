@@ -129,9 +129,11 @@ def _check_statistics(value: object, what: str) -> None:
 def _instant(value: object, what: str) -> None:
     try:
         parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.utcoffset() is None:
+        # An instant the database can hold: in UTC, within years 1..9999.
+        in_utc = parsed.astimezone(UTC) if parsed is not None and parsed.utcoffset() is not None else None
+    except (ValueError, OverflowError):
+        in_utc = None
+    if in_utc is None:
         raise DamagedMetadataError(f"has a {what} that is not an ISO date-time with its offset")
 
 

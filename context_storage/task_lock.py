@@ -65,6 +65,7 @@ class TaskLock:
             descriptor = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             return False  # holders keep the file while they hold it
+        # Anything else (a directory, a link in its place) is the caller's to report: OSError.
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

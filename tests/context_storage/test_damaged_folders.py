@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,50 @@ def test_whatever_metadata_json_holds_reconcile_reports_or_repairs_and_never_rai
     resumed = TaskContextManager(KEY, task_uuid, config_of(base), is_resumed=True)
     resumed.complete()
     assert TaskRepository().get_by_uuid(task_uuid).status == "completed"
+
+
+@pytest.mark.parametrize("area", ["running", "completed", "locks"])
+def test_an_area_that_links_out_of_base_dir_is_left_alone_with_every_task(
+    base: Path, tmp_path: Path, area: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fixed = repairable(base)
+    outside = tmp_path / "outside"
+    shutil.move(base / area, outside) if (base / area).exists() else outside.mkdir()
+    (base / area).symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    DatabaseConnection.reset()
+    config = write_config(tmp_path, base)
+    assert main.main(["--config", str(config), "tasks", "reconcile", "--yes"]) == 1
+    assert f"{area}/ is a link out of {base}; nothing in it is checked" in capsys.readouterr().out
+    assert snapshot(outside) == before
+    DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(base / "tasks.db")))
+    assert TaskRepository().get_by_uuid(fixed).status == "running"
+
+
+@pytest.mark.parametrize("lock", ["a directory", "a link"])
+def test_a_lock_that_is_not_a_lock_file_is_reported_and_the_others_repaired(
+    base: Path, tmp_path: Path, lock: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = repairable(base)
+    fixed = repairable(base)
+    path = base / "locks" / f"{odd}.lock"
+    path.parent.mkdir(exist_ok=True)
+    if lock == "a directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/etc/hostname")
+    DatabaseConnection.reset()
+    assert main.main(["--config", str(write_config(tmp_path, base)), "tasks", "reconcile", "--yes"]) == 1
+    assert f"locks/{odd}.lock is not a lock file" in capsys.readouterr().out
+    DatabaseConnection.initialize(DatabaseConfig(sqlite_path=str(base / "tasks.db")))
+    assert TaskRepository().get_by_uuid(fixed).status == "completed"
+    assert TaskRepository().get_by_uuid(odd).status == "running"
+
+
+@pytest.mark.parametrize("instant", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00", "2026-11-30T12:00:00"])
+def test_an_instant_the_database_cannot_hold_is_damage_not_a_crash(base: Path, instant: str) -> None:
+    task_uuid = finished_task(base, completed_at=instant)
+    TaskRepository().update(task_uuid, {"status": "running", "completed_at": None})
+    found = find_discrepancies(base, TaskRepository())
+    assert [item.fix for item in found if item.uuid == task_uuid] == [None]
+    assert "completed_at that is not an ISO date-time" in found[0].problem
