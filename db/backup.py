@@ -148,6 +148,9 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
     """Rows, not schema: the backup is checked whole (integrity, tables, revision, columns, every value, as
     `db migrate-data` checks a source), then its rows replace the target's in one transaction, into the
     target's own schema at head. Nothing else crosses: no trigger, view, index or table of the backup's."""
+    database = Path(str(connection.config.sqlalchemy_url.database))
+    if database.exists() and os.path.samefile(database, backup):
+        raise DatabaseError(f"{backup} is the database itself; nothing was changed")
     revision = _check_sqlite_backup(backup)
     try:
         source = TaskSource(str(backup))
@@ -162,7 +165,6 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
         upgrade_schema(connection)
         copy = None
         if _has_tasks(connection):
-            database = Path(str(connection.config.sqlalchemy_url.database))
             copy = backup_engine_database(connection.engine, backup_path_for(database, "before-restore"))
         with connection.session_scope() as session:
             session.execute(delete(Task))
@@ -189,6 +191,12 @@ def _check_sqlite_backup(backup: Path) -> str:
         try:
             problems = [row[0] for row in source.execute("PRAGMA integrity_check(5)")]
             tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise DatabaseError(
+                    f"{backup} is busy: another process is writing it; try again once it is done. Nothing was changed"
+                ) from None
+            raise DatabaseError(f"{backup} is not a SQLite database") from None
         except sqlite3.DatabaseError:
             raise DatabaseError(f"{backup} is not a SQLite database") from None
         if problems != ["ok"]:
@@ -197,9 +205,14 @@ def _check_sqlite_backup(backup: Path) -> str:
             raise DatabaseError(f"{backup} holds no task database (tasks and alembic_version); nothing was changed")
         _check_columns([row[1] for row in source.execute("PRAGMA table_info(tasks)")], backup)
         try:
-            stored = source.execute("SELECT max(version_num) FROM alembic_version").fetchone()[0]
+            versions = [row[0] for row in source.execute("SELECT version_num FROM alembic_version")]
         except sqlite3.Error:
-            stored = None
+            versions = []
+        if len(versions) != 1:
+            raise DatabaseError(
+                f"{backup} records {len(versions)} schema revisions where there is one; nothing was changed"
+            )
+        stored = versions[0]
         return _known_revision(stored, backup)
     finally:
         source.close()

@@ -4,6 +4,8 @@ integrity check and the row-count checks each refuse what they are there for."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -243,4 +245,54 @@ def test_a_backup_of_any_bytes_is_refused_without_a_trace(
     backup.write_bytes(content)
     with pytest.raises(DatabaseError):
         restore(path, backup)
+    assert uuids(path) == kept
+
+
+@pytest.mark.parametrize("how", ["the same path", "a link", "a hard link"])
+def test_the_database_itself_is_no_backup(target: tuple[Path, set[str]], tmp_path: Path, how: str) -> None:
+    path, kept = target
+    backup = path if how == "the same path" else tmp_path / "alias.db"
+    if how == "a link":
+        backup.symlink_to(path)
+    elif how == "a hard link":
+        backup.hardlink_to(path)
+    with pytest.raises(DatabaseError, match="is the database itself; nothing was changed"):
+        restore(path, backup)
+    assert uuids(path) == kept and not list(path.parent.glob("*before-restore*"))
+
+
+def test_a_backup_with_several_schema_revisions_is_refused(target: tuple[Path, set[str]], tmp_path: Path) -> None:
+    path, kept = target
+    backup = tmp_path / "backup.db"
+    database_with_tasks(backup, 3)
+    with sqlite3.connect(backup) as raw:
+        raw.execute("INSERT INTO alembic_version VALUES ('0001')")
+    with pytest.raises(DatabaseError, match="records 2 schema revisions where there is one"):
+        restore(path, backup)
+    assert uuids(path) == kept
+
+
+HOLDER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA journal_mode = DELETE")
+connection.execute("BEGIN EXCLUSIVE")
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_backup_another_process_is_writing_is_said_to_be_busy(target: tuple[Path, set[str]], tmp_path: Path) -> None:
+    path, kept = target
+    backup = tmp_path / "backup.db"
+    database_with_tasks(backup, 3)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(backup)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        with pytest.raises(DatabaseError, match="is busy: another process is writing it"):
+            restore(path, backup)
+    finally:
+        holder.communicate("done\n", timeout=30)
     assert uuids(path) == kept
