@@ -11,6 +11,7 @@ COPY db ./db
 COPY context_storage ./context_storage
 COPY dashboard ./dashboard
 COPY cli ./cli
+COPY ops ./ops
 RUN pip install --no-cache-dir .
 
 COPY main.py config.yaml alembic.ini ./

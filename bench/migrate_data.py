@@ -16,9 +16,9 @@ from pathlib import Path
 import psycopg2
 
 from db import DatabaseConfig, DatabaseConnection
-from db.data_migration import migrate_data
-from db.migration_source import COLUMNS, TaskSource
 from db.schema import upgrade_schema
+from ops.migrate_data import migrate_data
+from ops.migrate_data_source import COLUMNS, TaskSource
 from tests.support.legacy_db import write_legacy_db
 from tests.support.postgres_server import PostgresServer, start_postgres
 

@@ -31,8 +31,8 @@ from typing import Any
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from db import DatabaseConfig, DatabaseConnection, PoolConfig, TaskRepository
-from db.backup import find_pg_tool
 from db.schema import upgrade_schema
+from ops.backup import find_pg_tool
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres_server import start_postgres
 

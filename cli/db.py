@@ -14,10 +14,10 @@ from cli.connect import open_read_only, open_read_write
 from cli.output import EXIT_ERROR, EXIT_USAGE, print_nested, printable
 from cli.tree import CommandTree
 from db import DatabaseConfig, DatabaseConnection
-from db.backup import backup_database, restore_database
-from db.data_migration import MAX_BATCH, migrate_data
 from db.schema import schema_state, upgrade_schema
-from db.stats import database_stats
+from ops.backup import backup_database, restore_database
+from ops.migrate_data import MAX_BATCH, migrate_data
+from ops.stats import database_stats
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -16,8 +16,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
-from db.backup import find_pg_tool
 from db.schema import schema_state, upgrade_schema
+from ops.backup import find_pg_tool
 from tests.support.cli import ROOT
 from tests.support.data import task_data
 from tests.support.postgres_server import PostgresServer

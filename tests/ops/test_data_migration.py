@@ -13,8 +13,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import URL
 
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
-from db.data_migration import DataMigrationError, migrate_data
 from db.schema import schema_state, upgrade_schema
+from ops.migrate_data import DataMigrationError, migrate_data
 from tests.support.cli import run
 from tests.support.data import all_tasks, task_data
 from tests.support.legacy_db import COUNTER_COLUMNS, DATETIME_COLUMNS, as_instant, read_rows, write_legacy_db

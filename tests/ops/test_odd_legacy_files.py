@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
-from db.data_migration import DataMigrationError, migrate_data
 from db.legacy_rows import LEGACY_NAMESPACE
 from db.schema import upgrade_schema
+from ops.migrate_data import DataMigrationError, migrate_data
 from tests.support.cli import assert_one_line_error, run
 from tests.support.data import all_tasks
 from tests.support.legacy_db import COLUMNS, write_legacy_db

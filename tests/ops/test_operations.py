@@ -15,9 +15,9 @@ from sqlalchemy import Engine, bindparam, event, text
 from sqlalchemy.engine import URL
 
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
-from db.backup import backup_database, restore_database
 from db.schema import upgrade_schema
-from db.stats import database_stats
+from ops.backup import backup_database, restore_database
+from ops.stats import database_stats
 from tests.support.cli import run
 from tests.support.data import all_tasks, task_data, url_config
 

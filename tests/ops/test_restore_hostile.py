@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, TaskRepository
-from db.backup import backup_database, restore_database
 from db.schema import upgrade_schema
+from ops.backup import backup_database, restore_database
 from tests.support.data import task_data
 
 

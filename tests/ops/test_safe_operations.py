@@ -18,12 +18,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
 from db import DatabaseConfig, DatabaseConnection, DatabaseError, TaskRepository
-from db.backup import backup_database, restore_database
-from db.data_migration import migrate_data
 from db.schema import upgrade_schema
 from db.sqlite_backup import copy_sqlite
-from db.stats import database_stats
 from db.unit_of_work import is_transient_error, run_in_transaction
+from ops.backup import backup_database, restore_database
+from ops.migrate_data import migrate_data
+from ops.stats import database_stats
 from tests.support.cli import MAIN, assert_one_line_error, run
 from tests.support.data import all_tasks, child_environment, task_data
 from tests.support.legacy_db import read_rows, write_legacy_db

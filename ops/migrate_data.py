@@ -26,18 +26,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import Column, Connection, MetaData, Table
 
 from db.connection import DatabaseConnection
-from db.migration_source import (
-    COLUMNS,
-    DATETIMES,
-    INTEGERS,
-    STRINGS,
-    Aggregates,
-    DataMigrationError,
-    TaskSource,
-)
+from db.legacy_rows import COLUMNS, DATETIMES, INTEGERS
 from db.models import Task
 from db.models.types import parse_stored_datetime
 from db.schema import schema_state, upgrade_schema
+from ops.migrate_data_source import STRINGS, Aggregates, DataMigrationError, TaskSource
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from sqlalchemy import delete, func, insert, select
 
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
-from db.migration_source import DataMigrationError, TaskSource
 from db.models import Task
 from db.private_files import connect_sqlite, written_then_named
 from db.schema import known_revisions, upgrade_schema
 from db.sqlite_backup import backup_engine_database, backup_path_for
+from ops.migrate_data_source import DataMigrationError, TaskSource
 
 # Rows a restore inserts per statement.
 RESTORE_BATCH = 1000

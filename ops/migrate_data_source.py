@@ -22,22 +22,22 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 
 from db.errors import DatabaseError
-from db.legacy_rows import Checked, carried_rows, check_all
-from db.models import COUNTER_COLUMNS, Task
+from db.legacy_rows import (
+    COLUMNS,
+    DATETIMES,
+    INTEGERS,
+    LENGTHS,
+    UPDATED_FALLBACK,
+    Checked,
+    carried_rows,
+    check_all,
+)
+from db.models import COUNTER_COLUMNS
 from db.models.types import parse_stored_datetime
 from db.private_files import connect_sqlite
 
-COLUMNS = tuple(column.key for column in Task.__table__.columns)
 REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
-DATETIMES = ("created_at", "started_at", "completed_at", "updated_at")
-UPDATED_FALLBACK = ("completed_at", "started_at", "created_at")
-LENGTHS: dict[str, int] = {
-    column.key: column.type.length  # type: ignore[attr-defined]
-    for column in Task.__table__.columns
-    if getattr(column.type, "length", None) and column.key != "uuid"
-}
 STRINGS = (*LENGTHS, "error_message")
-INTEGERS = ("process_id", "context_length", *COUNTER_COLUMNS)
 
 
 class DataMigrationError(DatabaseError):
