@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy.engine import URL
 
 from db import Base, DatabaseConfig, DatabaseConnection, TaskRepository
-from tests.support.cli import assert_one_line_error, run
+from tests.support.cli import assert_one_line_error
+from tests.support.cli import run_here as run
 from tests.support.data import task_data
 from tests.support.legacy_db import write_legacy_db
 

@@ -21,7 +21,7 @@ from db import DatabaseConfig, DatabaseConnection, TaskRepository, TaskUsageQuer
 from db.errors import DatabaseError
 from db.repositories.task_usage import MAX_DAYS, Periods, time_zone
 from db.schema import upgrade_schema
-from tests.support.cli import run
+from tests.support.cli import run_here as run
 from tests.support.data import task_data
 from tests.support.legacy_db import write_legacy_db
 

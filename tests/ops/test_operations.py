@@ -18,7 +18,7 @@ from db import DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavai
 from db.schema import upgrade_schema
 from ops.backup import backup_database, restore_database
 from ops.stats import database_stats
-from tests.support.cli import run
+from tests.support.cli import run_here as run
 from tests.support.data import all_tasks, task_data, url_config
 
 

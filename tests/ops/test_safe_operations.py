@@ -24,7 +24,8 @@ from db.unit_of_work import is_transient_error, run_in_transaction
 from ops.backup import backup_database, restore_database
 from ops.migrate_data import migrate_data
 from ops.stats import database_stats
-from tests.support.cli import MAIN, assert_one_line_error, run
+from tests.support.cli import MAIN, assert_one_line_error
+from tests.support.cli import run_here as run
 from tests.support.data import all_tasks, child_environment, task_data
 from tests.support.legacy_db import read_rows, write_legacy_db
 
