@@ -12,6 +12,7 @@ COPY context_storage ./context_storage
 COPY dashboard ./dashboard
 COPY cli ./cli
 COPY ops ./ops
+COPY private_files ./private_files
 RUN pip install --no-cache-dir .
 
 COPY main.py config.yaml alembic.ini ./

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from db.private_files import open_private
+from private_files import open_private
 
 TAIL_CHUNK = 64 * 1024
 

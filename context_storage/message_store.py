@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from context_storage.jsonl_log import JsonlLog, append_line, encode_line
-from db.private_files import open_private
+from private_files import open_private
 
 CHARS_PER_TOKEN = 4
 

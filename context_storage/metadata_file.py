@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from db.models import INT_MAX
-from db.private_files import open_private
+from private_files import open_private
 
 logger = logging.getLogger(__name__)
 

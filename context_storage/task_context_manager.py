@@ -32,9 +32,9 @@ from context_storage.unsaved import keep_unsaved, resolve_in_flight, write_unsav
 from db import DatabaseError, Task, TaskAlreadyExistsError, TaskRepository
 from db.models import INT_MAX
 from db.models.types import canonical_uuid
-from db.private_files import make_private_dirs
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.startup import start_database
+from private_files import make_private_dirs
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import os
 import weakref
 from pathlib import Path
 
-from db.private_files import make_private_dirs, open_private
+from private_files import make_private_dirs, open_private
 
 
 class TaskAlreadyRunningError(RuntimeError):

@@ -21,8 +21,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from db.config import DatabaseConfig
 from db.errors import DatabaseError, DatabaseUnavailableError
 from db.models import Base
-from db.private_files import connect_sqlite, create_private_file, make_private_dirs
 from db.slow_query_log import install_slow_query_log
+from private_files import connect_sqlite, create_private_file, make_private_dirs
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from sqlalchemy.exc import DBAPIError
 
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
-from db.private_files import remove_with_journals, written_then_named
 from db.sqlite_backup import backup_engine_database, backup_path_for, copies_of
+from private_files import remove_with_journals, written_then_named
 
 logger = logging.getLogger(__name__)
 

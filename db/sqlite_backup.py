@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from db.private_files import written_then_named
+from private_files import written_then_named
 
 
 def backup_path_for(database: Path, label: str) -> Path:

@@ -22,10 +22,10 @@ from sqlalchemy import delete, func, insert, select
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
 from db.models import Task
-from db.private_files import connect_sqlite, written_then_named
 from db.schema import known_revisions, upgrade_schema
 from db.sqlite_backup import backup_engine_database, backup_path_for
 from ops.migrate_data_source import DataMigrationError, TaskSource
+from private_files import connect_sqlite, written_then_named
 
 # Rows a restore inserts per statement.
 RESTORE_BATCH = 1000

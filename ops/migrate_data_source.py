@@ -34,7 +34,7 @@ from db.legacy_rows import (
 )
 from db.models import COUNTER_COLUMNS
 from db.models.types import parse_stored_datetime
-from db.private_files import connect_sqlite
+from private_files import connect_sqlite
 
 REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
 STRINGS = (*LENGTHS, "error_message")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import private_files
 from context_storage.task_lock import TaskAlreadyRunningError, TaskLock
-from db import private_files
 
 
 def test_the_lock_file_exists_only_while_the_lock_is_held(tmp_path: Path) -> None:

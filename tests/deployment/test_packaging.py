@@ -92,3 +92,14 @@ def test_a_plain_install_imports_every_package_and_runs_the_command_line(tmp_pat
     started = subprocess.run([str(python), "-m", "cli"], cwd=work, env=env, capture_output=True, text=True, check=False)
     assert started.returncode == 0 and "backend:     sqlite" in started.stdout, started.stderr
     assert (work / "contexts" / "tasks.db").is_file() and os.access(work / "contexts" / "tasks.db", os.R_OK)
+
+
+def test_the_file_helpers_load_neither_the_database_code_nor_sqlalchemy() -> None:
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, private_files; print(sorted({'db', 'sqlalchemy'} & set(sys.modules)))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"

@@ -1,5 +1,7 @@
 """Files and directories that hold task data: opened by exactly the path given, private to their owner.
 
+Apart from `db` and `context_storage`, both of which use it: it loads neither SQLAlchemy nor the database code.
+
 SQLite reads a `file:` URI's `%`, `?` and `#` as syntax, so a path is always handed over as a properly
 encoded URI (or opened by the driver as a plain name), never pasted into one. New files are created 0600
 and new directories 0700 whatever the umask; existing ones keep their permissions.
