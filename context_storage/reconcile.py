@@ -54,13 +54,14 @@ def find_discrepancies(base_dir: Path, repository: TaskRepository) -> list[Discr
     """Every task whose directory, metadata.json and row disagree. Reads only, and changes nothing (not even a
     lock file); a damaged folder is reported and the others are checked all the same. Nothing outside base_dir
     is read or written: running/, completed/ or locks/ that is a link is left alone, with every task."""
-    found: list[Discrepancy] = []
     linked = [area for area in ("running", "completed", "locks") if (base_dir / area).is_symlink()]
-    for area in linked:
-        found.append(Discrepancy("-", f"{area}/ is a link out of {base_dir}; nothing in it is checked", None))
+    if linked:
+        # Any task could be read from, moved into or locked in the linked area: none is looked at.
+        return [
+            Discrepancy("-", f"{area}/ is a link out of {base_dir}; nothing in it is checked", None) for area in linked
+        ]
+    found: list[Discrepancy] = []
     for key, directory in task_directories(base_dir):
-        if linked:
-            break  # a task could be moved into, or read from, the linked area
         where = f"{directory.parent.name}/{key}"
         if directory.is_symlink():
             found.append(Discrepancy(key, f"{where} is a link, not a task directory; left alone", None))

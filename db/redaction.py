@@ -95,15 +95,14 @@ def redact_secrets(text: str) -> str:
     text = _SQL_LITERAL.sub(lambda match: f"{match.group(1)}'{MASK}'", text)
     text = _mask_urls(text)
     text = _ENCODED_USERINFO.sub(lambda match: f"{match.group(1)}{MASK}{match.group(2)}", text)
-    if not _STEMS.search(text):
-        return _KNOWN_TOKEN.sub(MASK, _AWS_SECRET.sub(lambda match: f"{match.group(1)}{MASK}", text))
-    text = _HEADER.sub(_mask_pair, text)
-    text = _FLAG.sub(_mask_pair, text)
-    text = _NETRC.sub(lambda match: f"{match.group(1)}{MASK}", text)
-    text = _XML.sub(lambda match: f"{match.group(1)}{MASK}{match.group(3)}", text)
-    text = _XML_SETTING.sub(lambda match: f"{match.group(1)}{_masked(match.group(2))}", text)
-    text = _ASSIGNED.sub(_mask_named_value, text)
-    text = _LABELLED.sub(_mask_named_value, text)
+    if _STEMS.search(text):
+        text = _HEADER.sub(_mask_pair, text)
+        text = _FLAG.sub(_mask_pair, text)
+        text = _NETRC.sub(lambda match: f"{match.group(1)}{MASK}", text)
+        text = _XML.sub(lambda match: f"{match.group(1)}{MASK}{match.group(3)}", text)
+        text = _XML_SETTING.sub(lambda match: f"{match.group(1)}{_masked(match.group(2))}", text)
+        text = _ASSIGNED.sub(_mask_named_value, text)
+        text = _LABELLED.sub(_mask_named_value, text)
     text = _AWS_SECRET.sub(lambda match: f"{match.group(1)}{MASK}", text)
     return _KNOWN_TOKEN.sub(MASK, text)
 

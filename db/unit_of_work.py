@@ -63,6 +63,14 @@ def _connection_lost(error: BaseException) -> bool:
     return isinstance(error, OperationalError) and type(original).__module__.startswith("psycopg2")
 
 
+def is_sqlite_busy(error: BaseException) -> bool:
+    """True for a SQLite file that is busy or locked by another connection (the driver's error, or SQLAlchemy's
+    around it)."""
+    original = getattr(error, "orig", None) or error
+    code = getattr(original, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in SQLITE_BUSY_CODES
+
+
 def is_transient_error(error: BaseException) -> bool:
     """True for failures that can succeed when tried again: a lost connection, a busy or locked SQLite file,
     a serialization failure or deadlock, a server shutting down or starting. Anything else (a missing
@@ -73,9 +81,8 @@ def is_transient_error(error: BaseException) -> bool:
     code = getattr(original, "pgcode", None)
     if code is not None:
         return code in TRANSIENT_SQLSTATES or code.startswith(TRANSIENT_SQLSTATE_CLASSES)
-    sqlite_code = getattr(original, "sqlite_errorcode", None)
-    if sqlite_code is not None:
-        return sqlite_code & 0xFF in SQLITE_BUSY_CODES
+    if getattr(original, "sqlite_errorcode", None) is not None:
+        return is_sqlite_busy(error)
     # psycopg2 gives no SQLSTATE for a connection that failed or broke: those are worth another try.
     return isinstance(error, OperationalError) and type(original).__module__.startswith("psycopg2")
 

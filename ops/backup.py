@@ -24,6 +24,7 @@ from db.errors import DatabaseError
 from db.models import Task
 from db.schema import known_revisions, upgrade_schema
 from db.sqlite_backup import backup_engine_database, backup_path_for
+from db.unit_of_work import is_sqlite_busy
 from ops.migrate_data_source import DataMigrationError, TaskSource
 from private_files import connect_sqlite, written_then_named
 
@@ -192,7 +193,7 @@ def _check_sqlite_backup(backup: Path) -> str:
             problems = [row[0] for row in source.execute("PRAGMA integrity_check(5)")]
             tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if is_sqlite_busy(exc):
                 raise DatabaseError(
                     f"{backup} is busy: another process is writing it; try again once it is done. Nothing was changed"
                 ) from None

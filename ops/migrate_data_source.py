@@ -34,6 +34,7 @@ from db.legacy_rows import (
 )
 from db.models import COUNTER_COLUMNS
 from db.models.types import parse_stored_datetime
+from db.unit_of_work import is_sqlite_busy
 from private_files import connect_sqlite
 
 REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
@@ -75,11 +76,6 @@ _BUSY = (
     "{path} is busy: another process is writing it (an agent still running on it?); try again in a moment, "
     "or once it has stopped"
 )
-
-
-def _busy(exc: BaseException) -> bool:
-    message = str(getattr(exc, "orig", None) or exc)
-    return "database is locked" in message or "database is busy" in message
 
 
 # SQLite's RESERVED lock: a byte a writer locks for as long as its write transaction lasts.
@@ -146,7 +142,7 @@ class TaskSource:
                 {column["name"] for column in inspector.get_columns("tasks")} if inspector.has_table("tasks") else set()
             )
         except Exception as exc:
-            if _busy(exc):
+            if is_sqlite_busy(exc):
                 raise DataMigrationError(_BUSY.format(path=self.path)) from None
             raise DataMigrationError(f"{self.path} is not a SQLite database") from None
         missing = [name for name in REQUIRED if name not in columns]
@@ -171,7 +167,7 @@ class TaskSource:
             assert isinstance(driver, sqlite3.Connection)
             checked = check_all(driver, self._present_columns())
         except sqlite3.OperationalError as exc:
-            if _busy(exc):
+            if is_sqlite_busy(exc):
                 raise DataMigrationError(_BUSY.format(path=self.path)) from None
             raise
         finally:
