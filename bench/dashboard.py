@@ -32,7 +32,7 @@ import psycopg2
 from bench.run import connect
 from db import DatabaseConfig, DatabaseConnection
 from db.schema import upgrade_schema
-from tests.support.postgres_server import start_postgres
+from tools.postgres_server import start_postgres
 
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
 TARGET_P95_MS = 300.0

@@ -19,8 +19,8 @@ from db import DatabaseConfig, DatabaseConnection
 from db.schema import upgrade_schema
 from ops.migrate_data import migrate_data
 from ops.migrate_data_source import COLUMNS, TaskSource
-from tests.support.legacy_db import write_legacy_db
-from tests.support.postgres_server import PostgresServer, start_postgres
+from tools.legacy_db import write_legacy_db
+from tools.postgres_server import PostgresServer, start_postgres
 
 
 def fresh_database(server: PostgresServer, name: str) -> DatabaseConnection:

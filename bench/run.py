@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session
 from bench.delay_proxy import DelayProxy
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository
 from db.schema import upgrade_schema
-from tests.support.legacy_db import LEGACY_SCHEMA
-from tests.support.postgres_server import PostgresServer, start_postgres
+from tools.legacy_db import LEGACY_SCHEMA
+from tools.postgres_server import PostgresServer, start_postgres
 
 OPERATIONS = ("create", "get_by_uuid", "update_statistics", "list_by_status(limit=50)")
 ROW = ("github", "acme", "web", "issue", "42")

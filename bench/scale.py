@@ -33,8 +33,8 @@ from context_storage import GitHubIssueTaskKey, TaskContextManager
 from db import DatabaseConfig, DatabaseConnection, PoolConfig, TaskRepository
 from db.schema import upgrade_schema
 from ops.backup import find_pg_tool
-from tests.support.pgbouncer import PgBouncer
-from tests.support.postgres_server import start_postgres
+from tools.pgbouncer import PgBouncer
+from tools.postgres_server import start_postgres
 
 TIMED = ("create", "update", "update_status", "update_statistics", "complete", "fail", "get_by_uuid")
 STATISTICS_PER_TASK = 5

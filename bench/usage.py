@@ -22,7 +22,7 @@ import psycopg2
 from bench.context_files import best
 from bench.run import connect
 from db import DatabaseConnection, TaskUsageQuery
-from tests.support.postgres_server import start_postgres
+from tools.postgres_server import start_postgres
 
 ZONE = "Asia/Tokyo"
 MAIN = Path(__file__).resolve().parent.parent / "main.py"

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from db import Base, DatabaseConfig, DatabaseConnection, Task, TaskRepository
 from tests.support.agent import LLM
 from tests.support.data import empty_tasks_table, task_data, url_config
-from tests.support.postgres_server import TEST_DATABASE, PostgresServer, PostgresUnavailableError, start_postgres
+from tools.postgres_server import TEST_DATABASE, PostgresServer, PostgresUnavailableError, start_postgres
 
 BACKENDS = ("sqlite-memory", "sqlite-file", "postgresql")
 

@@ -94,7 +94,7 @@ def _server_for_the_tests(needed: bool) -> Iterator[dict[str, str]]:
     if not needed:
         yield env
         return
-    from tests.support.postgres_server import TEST_DATABASE, start_postgres
+    from tools.postgres_server import TEST_DATABASE, start_postgres
 
     server = start_postgres(need_cluster=not env.get("TEST_DATABASE_URL"))
     listed = f"SELECT datname FROM pg_database WHERE datname LIKE '{TEST_DATABASE}\\_%'"

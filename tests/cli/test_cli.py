@@ -13,7 +13,7 @@ from db import Base, DatabaseConfig, DatabaseConnection, TaskRepository
 from tests.support.cli import assert_one_line_error
 from tests.support.cli import run_here as run
 from tests.support.data import task_data
-from tests.support.legacy_db import write_legacy_db
+from tools.legacy_db import write_legacy_db
 
 
 def test_start_up_twice_on_a_fresh_directory(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from db.startup import start_database
 from tests.support.agent import LLM, counters, stored
 from tests.support.cli import ROOT, run
 from tests.support.data import child_environment
-from tests.support.postgres_server import PostgresServer
+from tools.postgres_server import PostgresServer
 
 KEY = GitHubIssueTaskKey("acme", "web", 1)
 

@@ -23,7 +23,7 @@ from context_storage import (
     task_context_manager,
 )
 from tests.support.agent import LLM, counters, stored, unreachable_database_config
-from tests.support.postgres_server import PostgresServer
+from tools.postgres_server import PostgresServer
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from db.schema import upgrade_schema
 from tests.support.agent import LLM, stored
 from tests.support.cli import ROOT
 from tests.support.data import EXPECTED_INDEXES, empty_tasks_table, task_data, url_config
-from tests.support.postgres_server import PostgresServer
+from tools.postgres_server import PostgresServer
 
 
 @pytest.fixture(params=["sqlite-file", "postgresql"])

@@ -20,8 +20,8 @@ from db import (
     TaskRepository,
 )
 from tests.support.data import count_rows, task_data, url_config
-from tests.support.postgres_server import SUPERUSER_PASSWORD as METACHARACTER_PASSWORD
-from tests.support.postgres_server import PostgresServer
+from tools.postgres_server import SUPERUSER_PASSWORD as METACHARACTER_PASSWORD
+from tools.postgres_server import PostgresServer
 
 
 def test_initialize_is_a_singleton(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from db import Base, DatabaseConfig, DatabaseConnection, DatabaseError, Task, Ta
 from db.schema import LEGACY, SchemaNotCurrentError, schema_state, upgrade_schema
 from db.startup import prepare_schema
 from tests.support.data import task_data, url_config
-from tests.support.legacy_db import COUNTER_COLUMNS, DATETIME_COLUMNS, as_instant, read_rows, write_legacy_db
+from tools.legacy_db import COUNTER_COLUMNS, DATETIME_COLUMNS, as_instant, read_rows, write_legacy_db
 
 DESIGN_INDEXES = {"ix_tasks_status", "ix_tasks_created_at", "ix_tasks_user", "ix_tasks_task_source_owner_repo"}
 LISTING_INDEXES = {"ix_tasks_status_created_at", "ix_tasks_user_created_at"}

@@ -23,7 +23,7 @@ from db.repositories.task_usage import MAX_DAYS, Periods, time_zone
 from db.schema import upgrade_schema
 from tests.support.cli import run_here as run
 from tests.support.data import task_data
-from tests.support.legacy_db import write_legacy_db
+from tools.legacy_db import write_legacy_db
 
 TOKYO = timezone(timedelta(hours=9))
 NOW = datetime(2025, 12, 10, 3, 0, tzinfo=UTC)  # Wednesday 10 Dec, 12:00 in Tokyo

@@ -20,7 +20,7 @@ from db.schema import schema_state, upgrade_schema
 from ops.backup import find_pg_tool
 from tests.support.cli import ROOT
 from tests.support.data import task_data
-from tests.support.postgres_server import PostgresServer
+from tools.postgres_server import PostgresServer
 
 INIT_SCRIPT = ROOT / "docker" / "postgres" / "initdb" / "10-roles.sh"
 

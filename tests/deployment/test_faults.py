@@ -16,8 +16,8 @@ from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.schema import upgrade_schema
 from db.unit_of_work import run_in_transaction
 from tests.support.data import task_data, url_config
-from tests.support.postgres_server import PostgresServer
 from tests.support.workers import hammer, write_concurrently
+from tools.postgres_server import PostgresServer
 
 RETRY_TIMEOUT = 6.0
 

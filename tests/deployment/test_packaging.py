@@ -103,3 +103,28 @@ def test_the_file_helpers_load_neither_the_database_code_nor_sqlalchemy() -> Non
         check=True,
     )
     assert loaded.stdout.strip() == "[]"
+
+
+def layout_entries() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    names: list[str] = []
+    for line in block.splitlines():
+        if line and not line[0].isspace():
+            names.extend(name.strip() for name in line.split("  ", 1)[0].split(","))
+    return names
+
+
+def test_the_readme_layout_names_only_what_is_there_and_every_package_and_module_of_the_library() -> None:
+    entries = layout_entries()
+    for entry in entries:
+        assert (ROOT / entry).exists(), entry
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    top = {line.split("/", 1)[0] for line in tracked.splitlines() if "/" in line and not line.startswith(".")}
+    for directory in top - {"docker"}:
+        assert f"{directory}/" in entries, directory
+    # The flat library and the operators' tools are listed module by module, so a new one cannot hide.
+    for package in ("db", "ops"):
+        for module in (ROOT / package).glob("*.py"):
+            if module.name != "__init__.py":
+                assert f"{package}/{module.name}" in entries, module

@@ -12,9 +12,9 @@ import pytest
 
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.schema import upgrade_schema
-from tests.support.pgbouncer import PgBouncer, PgBouncerUnavailableError
-from tests.support.postgres_server import PostgresUnavailableError, ThrowawayCluster, find_bindir
 from tests.support.workers import agent_life_cycles
+from tools.pgbouncer import PgBouncer, PgBouncerUnavailableError
+from tools.postgres_server import PostgresUnavailableError, ThrowawayCluster, find_bindir
 
 PROCESSES, TASKS, ROUNDS = 64, 2, 15
 SERVER_CONNECTIONS = 10

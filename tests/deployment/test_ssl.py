@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from db import DatabaseConfig, DatabaseConnection, DatabaseUnavailableError
-from tests.support.postgres_server import (
+from tools.postgres_server import (
     SUPERUSER,
     SUPERUSER_PASSWORD,
     PostgresUnavailableError,

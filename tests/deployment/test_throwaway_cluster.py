@@ -18,7 +18,7 @@ WATCHDOG_STOP_SECONDS = 120
 
 STARTER = """
 import time
-from tests.support.postgres_server import start_postgres
+from tools.postgres_server import start_postgres
 server = start_postgres(need_cluster=True)
 print(server.cluster.root, server.cluster.port, flush=True)
 time.sleep(600)

@@ -17,7 +17,7 @@ from db.schema import schema_state, upgrade_schema
 from ops.migrate_data import DataMigrationError, migrate_data
 from tests.support.cli import run_here as run
 from tests.support.data import all_tasks, task_data
-from tests.support.legacy_db import COUNTER_COLUMNS, DATETIME_COLUMNS, as_instant, read_rows, write_legacy_db
+from tools.legacy_db import COUNTER_COLUMNS, DATETIME_COLUMNS, as_instant, read_rows, write_legacy_db
 
 
 @pytest.fixture

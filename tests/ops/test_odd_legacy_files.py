@@ -19,9 +19,9 @@ from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.legacy_rows import LEGACY_NAMESPACE
 from db.schema import upgrade_schema
 from ops.migrate_data import DataMigrationError, migrate_data
-from tests.support.cli import assert_one_line_error, run
+from tests.support.cli import assert_one_line_error, run_here
 from tests.support.data import all_tasks
-from tests.support.legacy_db import COLUMNS, write_legacy_db
+from tools.legacy_db import COLUMNS, write_legacy_db
 
 
 def digest(path: Path) -> str:
@@ -172,7 +172,8 @@ def test_a_value_that_cannot_be_carried_is_named_and_changes_nothing(
     adopted = tmp_path / "contexts" / "tasks.db"
     adopted.parent.mkdir()
     adopted.write_bytes(source.read_bytes())
-    result = run(tmp_path)
+    DatabaseConnection.reset()  # the command starts the one database of its process: this test's is done
+    result = run_here(tmp_path)
     assert_one_line_error(result, "cannot be carried over")
     assert f"task {uuids[1]}: {column}" in result.stderr
     assert digest(adopted) == before
@@ -221,15 +222,15 @@ def test_adoption_takes_the_same_ways_through_and_writes_the_mapping(tmp_path: P
     path = tmp_path / "contexts" / "tasks.db"
     path.parent.mkdir()
     uuids = legacy_file(path, 4, change=_reshaped)
-    result = run(tmp_path)
+    result = run_here(tmp_path)
     assert result.returncode == 0, result.stderr
     [mapping] = list(path.parent.glob("tasks.uuid-map-*.csv"))
     assert mapping.read_text(encoding="utf-8").splitlines()[1:] == sorted(
         [f"{uuids[0].upper()},{uuids[0]}", f"test-uuid-123,{uuid.uuid5(LEGACY_NAMESPACE, 'test-uuid-123')}"]
     )
-    shown = run(tmp_path, "tasks", "show", uuids[0].upper())
+    shown = run_here(tmp_path, "tasks", "show", uuids[0].upper())
     assert shown.returncode == 0 and uuids[0] in shown.stdout
-    listed = run(tmp_path, "tasks", "list", "--json")
+    listed = run_here(tmp_path, "tasks", "list", "--json")
     assert listed.stdout.count('"uuid"') == 4
 
 
@@ -255,9 +256,9 @@ def test_refused_and_reading_commands_leave_an_old_file_byte_for_byte(tmp_path: 
     path.parent.mkdir()
     legacy_file(path, 5)
     before = digest(path)
-    assert_one_line_error(run(tmp_path, APP_ENV="production"), "python main.py db upgrade")
-    assert run(tmp_path, "db", "current").returncode == 0
-    assert run(tmp_path, "db", "check").returncode == 1
+    assert_one_line_error(run_here(tmp_path, APP_ENV="production"), "python main.py db upgrade")
+    assert run_here(tmp_path, "db", "current").returncode == 0
+    assert run_here(tmp_path, "db", "check").returncode == 1
     assert digest(path) == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["tasks.db"]
 
@@ -275,7 +276,8 @@ def test_a_users_own_column_is_refused_unless_left_behind(blank_connection: Data
     adopted = tmp_path / "contexts" / "tasks.db"
     adopted.parent.mkdir()
     adopted.write_bytes(source.read_bytes())
-    assert_one_line_error(run(tmp_path), "columns this code does not keep: notes")
+    DatabaseConnection.reset()  # the command starts the one database of its process: this test's is done
+    assert_one_line_error(run_here(tmp_path), "columns this code does not keep: notes")
 
 
 # 6. Clear errors: a hot journal on a source

@@ -27,7 +27,7 @@ from ops.stats import database_stats
 from tests.support.cli import MAIN, assert_one_line_error
 from tests.support.cli import run_here as run
 from tests.support.data import all_tasks, child_environment, task_data
-from tests.support.legacy_db import read_rows, write_legacy_db
+from tools.legacy_db import read_rows, write_legacy_db
 
 SECRET = "Hunter2-query-secret"
 
