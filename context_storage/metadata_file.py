@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,11 @@ def check_metadata(metadata: dict[str, Any]) -> None:
     if unsaved.get("statistics") is not None:
         _check_statistics(unsaved["statistics"], "unsaved statistics")
     in_flight = unsaved.get("in_flight")
-    if in_flight is not None:
-        if not isinstance(in_flight, dict) or "statistics" not in in_flight:
-            raise DamagedMetadataError("has in-flight statistics that are not an object")
-        _check_statistics(in_flight["statistics"], "in-flight statistics")
-        _instant(in_flight.get("row_version"), "in-flight row_version")
+    # A list of batches; a file written before operation ids holds one batch, with its row_version.
+    for batch in [in_flight] if isinstance(in_flight, dict) else in_flight or []:
+        _check_batch(batch)
+    if in_flight is not None and not isinstance(in_flight, dict | list):
+        raise DamagedMetadataError("has in-flight statistics that are not a list of batches")
     outcome = unsaved.get("outcome")
     if outcome is not None:
         if not isinstance(outcome, dict) or outcome.get("status") not in FINISHED:
@@ -116,6 +117,22 @@ def check_metadata(metadata: dict[str, Any]) -> None:
             raise DamagedMetadataError("has a kept outcome whose error_message is not text")
         if outcome.get("completed_at") is not None:
             _instant(outcome["completed_at"], "kept outcome's completed_at")
+
+
+def _check_batch(batch: object) -> None:
+    if not isinstance(batch, dict) or "statistics" not in batch:
+        raise DamagedMetadataError("has in-flight statistics that are not an object")
+    _check_statistics(batch["statistics"], "in-flight statistics")
+    if "operation_id" not in batch:
+        _instant(batch.get("row_version"), "in-flight row_version")
+        return
+    try:
+        uuid.UUID(batch["operation_id"])
+    except (TypeError, ValueError, AttributeError):
+        raise DamagedMetadataError("has in-flight statistics whose operation_id is not a UUID") from None
+    _instant(batch.get("sent_at"), "in-flight sent_at")
+    if batch.get("row_version") is not None:
+        _instant(batch["row_version"], "in-flight row_version")
 
 
 def _check_statistics(value: object, what: str) -> None:

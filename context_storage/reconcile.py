@@ -16,7 +16,7 @@ from typing import Any
 
 from context_storage.metadata_file import DamagedMetadataError, load_metadata, sync_directory
 from context_storage.task_lock import TaskLock
-from context_storage.unsaved import drop_outcome, resolve_in_flight, write_unsaved_statistics
+from context_storage.unsaved import add_statistics, batches_in_flight, drop_outcome, write_kept_statistics
 from db import Task, TaskRepository
 from db.models.types import canonical_uuid
 
@@ -90,7 +90,9 @@ def _check(
     unsaved = metadata.get("unsaved") or {}
     found: list[Discrepancy] = []
     if unsaved.get("statistics") or unsaved.get("in_flight"):
-        kept = unsaved.get("statistics") or (unsaved.get("in_flight") or {}).get("statistics")
+        kept = unsaved.get("statistics") or {}
+        for batch in batches_in_flight(unsaved):
+            kept = add_statistics(kept, batch["statistics"])
         found.append(
             Discrepancy(
                 key,
@@ -115,7 +117,7 @@ def _check(
                 key,
                 "an outcome kept in metadata.json is already in the row",
                 "forget it",
-                lambda: drop_outcome(directory),
+                lambda: _locked(base_dir, key, lambda: drop_outcome(directory, load_metadata(directory))),
             )
         )
     finished = (outcome or {}).get("status") or row.status
@@ -157,8 +159,7 @@ def _locked(base_dir: Path, key: str, action: Callable[[], None]) -> None:
 
 
 def _write_statistics(key: str, directory: Path, repository: TaskRepository) -> None:
-    resolve_in_flight(directory, key, repository)
-    write_unsaved_statistics(directory, key, repository)
+    write_kept_statistics(directory, load_metadata(directory), key, repository)
 
 
 def _write_outcome(key: str, directory: Path, outcome: dict[str, object], repository: TaskRepository) -> None:
@@ -169,7 +170,7 @@ def _write_outcome(key: str, directory: Path, outcome: dict[str, object], reposi
     if isinstance(completed_at, str):
         values["completed_at"] = datetime.fromisoformat(completed_at)
     if repository.update(key, values) is not None:
-        drop_outcome(directory)
+        drop_outcome(directory, load_metadata(directory))
 
 
 def _move(directory: Path, target: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from context_storage.summary_store import SummaryStore
 from context_storage.task_key import SupportsToDict, as_task_key
 from context_storage.task_lock import TaskLock
 from context_storage.tool_store import ToolStore
-from context_storage.unsaved import keep_unsaved, resolve_in_flight, write_unsaved_statistics
+from context_storage.unsaved import add_statistics, keep_unsaved, new_batch, settle_by_row, write_kept_statistics
 from db import DatabaseError, Task, TaskAlreadyExistsError, TaskRepository
 from db.models import INT_MAX
 from db.models.types import canonical_uuid
@@ -192,7 +193,7 @@ class TaskContextManager:
     def pending_statistics(self) -> dict[str, int]:
         """Increments not yet written to the database."""
         with self._lock:
-            return dict(self._pending)
+            return add_statistics(self._pending, (self._claim.in_flight or {}).get("statistics") or {})
 
     def complete(self) -> None:
         """Mark the task completed and move its directory to completed/."""
@@ -302,8 +303,8 @@ class TaskContextManager:
         def register(repo: TaskRepository) -> None:
             self._row_touched = True
             if self._unsaved_on_disk:
-                # Before this run writes the row: did increments sent by a crashed run land?
-                resolve_in_flight(self.context_dir, self.uuid, repo)
+                # Before this run writes the row, which decides batches too old for their operation ids.
+                settle_by_row(self.context_dir, read_metadata(self.context_dir), self.uuid, repo)
             if self.is_resumed and repo.update(self.uuid, resumed) is not None:
                 return
             try:
@@ -335,27 +336,32 @@ class TaskContextManager:
             self._unsaved_on_disk = settled is not True
             if settled is not True and settled is not _REFUSED:
                 return False
-        if any(self._pending.values()):
-            amounts = dict(self._pending)
-            written = self._attempt(
-                "update_statistics", lambda: repository.update_statistics(self.uuid, *amounts.values())
-            )
+        claim = self._claim
+        while claim.unwritten():
+            if claim.in_flight is None:
+                # The batch keeps its operation id until the database took it: sent again, it counts once.
+                claim.in_flight = new_batch(self._pending)
+                self._pending.update(dict.fromkeys(STATISTICS, 0))
+            batch = claim.in_flight
+            written = self._attempt("update_statistics", functools.partial(self._send, repository, batch))
+            if written is not True and written is not _REFUSED:
+                return False
+            claim.in_flight = None
             if written is _REFUSED:
                 if operation == "update_statistics":
+                    # Back to pending: the caller takes out what its own call added.
+                    for name in STATISTICS:
+                        self._pending[name] += batch["statistics"][name]
                     return _REFUSED
-                logger.error("task %s: the counters cannot take %s; dropped", self.uuid, amounts)
-                self._pending.update(dict.fromkeys(STATISTICS, 0))
-            elif written is not True:
-                return False
-            else:
-                for name, amount in amounts.items():
-                    self._pending[name] -= amount
+                logger.error("task %s: the counters cannot take %s; dropped", self.uuid, batch["statistics"])
         return True if action is None else self._attempt(operation, lambda: action(repository))
 
+    def _send(self, repository: TaskRepository, batch: dict[str, Any]) -> bool:
+        amounts = [batch["statistics"][name] for name in STATISTICS]
+        return repository.update_statistics(self.uuid, *amounts, operation_id=batch["operation_id"])
+
     def _write_kept(self, repository: TaskRepository) -> bool:
-        # Whether increments in flight when a write failed landed is decided before anything else writes.
-        resolve_in_flight(self.context_dir, self.uuid, repository)
-        return write_unsaved_statistics(self.context_dir, self.uuid, repository)
+        return write_kept_statistics(self.context_dir, read_metadata(self.context_dir), self.uuid, repository)
 
     def _attempt(self, operation: str, call: Callable[[], object]) -> object:
         """True when the call succeeded; False when the database failed or the row was missing (the
@@ -401,7 +407,7 @@ class TaskContextManager:
             if self._closed:
                 return
             self._closed = True
-            if self._finished is None and any(self._pending.values()):
+            if self._finished is None and self._claim.unwritten():
                 self._write("update_statistics", None, force=True)
             self._abandoned.detach()
             self._claim.let_go()
@@ -428,9 +434,8 @@ class TaskContextManager:
                     self._finished,
                     _CALLED_AS[status],
                 )
-                if self._write("update_statistics", None, force=True) is not True and any(self._pending.values()):
-                    keep_unsaved(self.context_dir, statistics=self._pending)
-                    self._pending.update(dict.fromkeys(STATISTICS, 0))
+                if self._write("update_statistics", None, force=True) is not True and self._claim.unwritten():
+                    self._claim.keep(self.context_dir)
                 return
             try:
                 self._finish_locked(status, error_message, action)
@@ -454,9 +459,8 @@ class TaskContextManager:
         outcome = None
         if written is not True:
             outcome = {"status": status, "error_message": error_message, "completed_at": completed_at}
-        if outcome is not None or any(self._pending.values()):
-            keep_unsaved(self.context_dir, statistics=self._pending, outcome=outcome)
-            self._pending.update(dict.fromkeys(STATISTICS, 0))
+        if outcome is not None or self._claim.unwritten():
+            self._claim.keep(self.context_dir, outcome)
         target = self.completed_dir / self.uuid
         if target.exists():
             target = self.completed_dir / f"{self.uuid}-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
@@ -478,7 +482,18 @@ class _Claim:
     lock: TaskLock
     pending: dict[str, int]
     context_dir: Path
+    # The batch being sent, with its operation id, until the database took it.
+    in_flight: dict[str, Any] | None = None
     owner_pid: int = field(default_factory=os.getpid)
+
+    def unwritten(self) -> bool:
+        return self.in_flight is not None or any(self.pending.values())
+
+    def keep(self, directory: Path, outcome: dict[str, Any] | None = None) -> None:
+        """Move what is not written into metadata.json in `directory`."""
+        keep_unsaved(directory, statistics=self.pending, outcome=outcome, in_flight=self.in_flight)
+        self.pending.update(dict.fromkeys(STATISTICS, 0))
+        self.in_flight = None
 
     def let_go(self) -> None:
         """Keep what is pending in metadata.json, wherever the task's directory now is (an agent pausing a task
@@ -486,20 +501,20 @@ class _Claim:
         a forked child exiting lets go of nothing."""
         if os.getpid() != self.owner_pid:
             return
-        if any(self.pending.values()):
-            amounts = dict(self.pending)
+        if self.unwritten():
             directory = self._where_the_files_are()
             if directory is not None:
-                keep_unsaved(directory, statistics=amounts)
+                self.keep(directory)
                 logger.warning("task %s let go with statistics not written; kept in %s", self.lock.path.stem, directory)
             else:
                 logger.error(
                     "task %s let go with statistics %s not written and its directory %s gone; they are lost",
                     self.lock.path.stem,
-                    amounts,
+                    add_statistics(self.pending, (self.in_flight or {}).get("statistics") or {}),
                     self.context_dir,
                 )
-            self.pending.update(dict.fromkeys(STATISTICS, 0))
+                self.pending.update(dict.fromkeys(STATISTICS, 0))
+                self.in_flight = None
         self.lock.release()
 
     def _where_the_files_are(self) -> Path | None:

@@ -3,24 +3,29 @@
 metadata.json's `unsaved` holds up to three things:
 
 - `statistics`: increments never sent;
-- `in_flight`: increments being sent, with the row's `updated_at` just before (`row_version`). The write
-  is guarded by that version, so after a crash the row tells whether it landed: a row whose `updated_at`
-  moved on took it (only the holder of the task's lock writes the row), one that did not never did;
+- `in_flight`: batches of increments that were being sent, each with the operation id it was sent with
+  (`operation_id`), when (`sent_at`) and, when known, the row's `updated_at` just before (`row_version`).
+  Sending a batch again with its id counts it once, whether or not the first send took effect. An id is
+  kept by the database for OPERATION_RETENTION; an older batch is decided by its row instead: a row whose
+  `updated_at` moved on took it (only the holder of the task's lock writes the row), one that did not never did;
 - `outcome`: the final status (`status`, `error_message`, `completed_at`) of a task that ended while the
   database was away.
 
-Everything is removed from the file only after the database took it, and written at most once.
+Everything is removed from the file only after the database took it. Each function is given the metadata
+already read and writes the file only when it changes it.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from context_storage.metadata_file import STATISTICS, read_metadata, write_metadata
 from db import TaskRepository
+from db.models import OPERATION_RETENTION
 
 logger = logging.getLogger(__name__)
 
@@ -29,85 +34,125 @@ def add_statistics(first: dict[str, int], second: dict[str, int]) -> dict[str, i
     return {name: int(first.get(name, 0)) + int(second.get(name, 0)) for name in STATISTICS}
 
 
-def _update_unsaved(directory: Path, change: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
-    metadata = read_metadata(directory)
-    unsaved = dict(metadata.get("unsaved") or {})
-    unsaved.update(change)
-    for key in drop:
-        unsaved.pop(key, None)
+def new_batch(statistics: dict[str, int], row_version: datetime | None = None) -> dict[str, Any]:
+    """A batch of increments about to be sent, with the operation id that makes sending it again safe."""
+    batch: dict[str, Any] = {
+        "statistics": dict(statistics),
+        "operation_id": str(uuid.uuid4()),
+        "sent_at": datetime.now(UTC).isoformat(),
+    }
+    if row_version is not None:
+        batch["row_version"] = row_version.isoformat()
+    return batch
+
+
+def batches_in_flight(unsaved: dict[str, Any]) -> list[dict[str, Any]]:
+    """The batches in flight, as a list (a file written before operation ids holds one, as a dict)."""
+    in_flight = unsaved.get("in_flight") or []
+    return [in_flight] if isinstance(in_flight, dict) else list(in_flight)
+
+
+def _store(directory: Path, metadata: dict[str, Any], unsaved: dict[str, Any]) -> None:
+    unsaved = {key: value for key, value in unsaved.items() if value}
     if unsaved:
         metadata["unsaved"] = unsaved
     else:
         metadata.pop("unsaved", None)
     write_metadata(directory, metadata)
-    return unsaved
 
 
 def keep_unsaved(
-    directory: Path, statistics: dict[str, int] | None = None, outcome: dict[str, Any] | None = None
+    directory: Path,
+    statistics: dict[str, int] | None = None,
+    outcome: dict[str, Any] | None = None,
+    in_flight: dict[str, Any] | None = None,
 ) -> None:
-    """Add `statistics` to those kept for later and record `outcome`; durable when this returns."""
+    """Add `statistics` to those kept for later, `in_flight` to the batches being sent, and record `outcome`;
+    durable when this returns."""
     metadata = read_metadata(directory)
     unsaved = dict(metadata.get("unsaved") or {})
     if statistics and any(statistics.values()):
         unsaved["statistics"] = add_statistics(unsaved.get("statistics") or {}, statistics)
+    if in_flight is not None:
+        unsaved["in_flight"] = [*batches_in_flight(unsaved), in_flight]
     if outcome is not None:
         unsaved["outcome"] = outcome
     if unsaved:
-        metadata["unsaved"] = unsaved
-        write_metadata(directory, metadata)
+        _store(directory, metadata, unsaved)
 
 
-def resolve_in_flight(directory: Path, task_uuid: str, repository: TaskRepository) -> None:
-    """Decide, from the row, whether increments being sent when a process ended landed; before anything else
-    writes the row. Those that did not go back to `statistics`."""
-    unsaved = read_metadata(directory).get("unsaved") or {}
-    in_flight = unsaved.get("in_flight")
-    if not in_flight:
+def settle_by_row(directory: Path, metadata: dict[str, Any], task_uuid: str, repository: TaskRepository) -> None:
+    """Decide the batches in flight that their operation ids can no longer settle (too old, or written before
+    ids) by their row: dropped if it moved on, back to the statistics never sent if not. Before anything else
+    writes the row."""
+    unsaved = dict(metadata.get("unsaved") or {})
+    pending = batches_in_flight(unsaved)
+    undecided = [batch for batch in pending if not _settled_by_id(batch)]
+    if not undecided:
         return
     row = repository.get_by_uuid(task_uuid)
-    landed = row is not None and row.updated_at != datetime.fromisoformat(in_flight["row_version"])
-    if landed:
-        logger.info("task %s: statistics sent before a crash were written; not sending them again", task_uuid)
-        _update_unsaved(directory, {}, drop=("in_flight",))
-    else:
-        statistics = add_statistics(unsaved.get("statistics") or {}, in_flight["statistics"])
-        _update_unsaved(directory, {"statistics": statistics}, drop=("in_flight",))
-
-
-def write_unsaved_statistics(directory: Path, task_uuid: str, repository: TaskRepository) -> bool:
-    """Send the kept increments once; True when none are left. Call `resolve_in_flight` first."""
-    unsaved = read_metadata(directory).get("unsaved") or {}
-    statistics = unsaved.get("statistics")
-    if not statistics or not any(statistics.values()):
-        if statistics is not None:
-            _update_unsaved(directory, {}, drop=("statistics",))
-        return True
-    row = repository.get_by_uuid(task_uuid)
     if row is None:
+        return
+    statistics = unsaved.get("statistics") or {}
+    for batch in undecided:
+        version = batch.get("row_version")
+        if version is not None and row.updated_at != datetime.fromisoformat(version):
+            logger.info("task %s: statistics sent before a crash were written; not sending them again", task_uuid)
+        else:
+            statistics = add_statistics(statistics, batch["statistics"])
+    unsaved["statistics"] = statistics
+    unsaved["in_flight"] = [batch for batch in pending if _settled_by_id(batch)]
+    _store(directory, metadata, unsaved)
+
+
+def _settled_by_id(batch: dict[str, Any]) -> bool:
+    """Whether the database still knows the batch's operation id, so that sending it again counts it once."""
+    sent_at = batch.get("sent_at")
+    if batch.get("operation_id") is None or not isinstance(sent_at, str):
         return False
-    in_flight = {"statistics": statistics, "row_version": row.updated_at.isoformat()}
-    _update_unsaved(directory, {"in_flight": in_flight}, drop=("statistics",))
-    amounts = {name: int(statistics.get(name, 0)) for name in STATISTICS}
+    return datetime.now(UTC) - datetime.fromisoformat(sent_at) < OPERATION_RETENTION
+
+
+def write_kept_statistics(
+    directory: Path, metadata: dict[str, Any], task_uuid: str, repository: TaskRepository
+) -> bool:
+    """Send what metadata.json keeps: the batches in flight again, each with its id, then the statistics never
+    sent as a new batch. True when nothing is left; False when the row is missing. A database failure is
+    raised, with what was not written still kept (a batch, once in the file, keeps its id)."""
+    settle_by_row(directory, metadata, task_uuid, repository)
+    unsaved = dict(metadata.get("unsaved") or {})
+    pending = batches_in_flight(unsaved)
+    statistics = unsaved.pop("statistics", None)
+    if statistics and any(statistics.values()):
+        row = repository.get_by_uuid(task_uuid)
+        if row is None:
+            return False
+        pending.append(new_batch(statistics, row.updated_at))
+        unsaved["in_flight"] = pending
+        _store(directory, metadata, unsaved)
+    elif statistics is not None:
+        _store(directory, metadata, unsaved)
+    while pending:
+        if not send_batch(pending[0], task_uuid, repository):
+            return False
+        pending.pop(0)
+        unsaved["in_flight"] = pending
+        _store(directory, metadata, unsaved)
+    return True
+
+
+def send_batch(batch: dict[str, Any], task_uuid: str, repository: TaskRepository) -> bool:
+    """Send a kept batch again with its operation id: it counts once. False when the row is missing."""
+    amounts = [int(batch["statistics"].get(name, 0)) for name in STATISTICS]
     try:
-        written = repository.update_statistics(task_uuid, *amounts.values(), if_updated_at=row.updated_at)
+        return repository.update_statistics(task_uuid, *amounts, operation_id=batch["operation_id"])
     except ValueError as exc:
         logger.error("task %s: statistics kept from an earlier run cannot be stored, dropped: %s", task_uuid, exc)
-        _update_unsaved(directory, {}, drop=("in_flight",))
         return True
-    if written:
-        _update_unsaved(directory, {}, drop=("in_flight",))
-        logger.info("task %s: wrote statistics kept from an earlier run: %s", task_uuid, amounts)
-        return True
-    # The guard did not match, so nothing was added: keep them for the next attempt.
-    kept = read_metadata(directory).get("unsaved") or {}
-    _update_unsaved(
-        directory, {"statistics": add_statistics(kept.get("statistics") or {}, statistics)}, drop=("in_flight",)
-    )
-    return False
 
 
-def drop_outcome(directory: Path) -> None:
+def drop_outcome(directory: Path, metadata: dict[str, Any]) -> None:
     """Forget a kept outcome (the task was resumed, or the outcome was written)."""
-    if (read_metadata(directory).get("unsaved") or {}).get("outcome") is not None:
-        _update_unsaved(directory, {}, drop=("outcome",))
+    unsaved = dict(metadata.get("unsaved") or {})
+    if unsaved.pop("outcome", None) is not None:
+        _store(directory, metadata, unsaved)

@@ -188,6 +188,41 @@ def _run_once(
         raise _FailedBeforeCommitError(error) from error
 
 
+def run_statement(
+    connection: DatabaseConnection,
+    sql: str,
+    parameters: dict[str, Any],
+    description: str,
+    *,
+    committed: Callable[[], bool] | None = None,
+) -> list[tuple[Any, ...]]:
+    """PostgreSQL: `sql`, in the driver's own form, as one statement that commits on its own: one round trip,
+    through a pooled connection and nothing else (no session). Its rows are returned.
+
+    Without `committed` the statement must be safe to send again (a read, setting values, an increment that
+    carries its operation id), and it is redone after any transient failure. With it, a connection lost with
+    the statement sent is resolved by `committed()`: True returns no rows, False sends it again.
+    """
+
+    def once() -> list[tuple[Any, ...]]:
+        try:
+            with connection.engine.connect() as conn:
+                driver = conn.connection.dbapi_connection
+                use_driver_autocommit(driver)
+                try:
+                    result = conn.exec_driver_sql(sql, parameters)
+                    return [tuple(row) for row in result] if result.returns_rows else []
+                finally:
+                    if not conn.invalidated and not getattr(driver, "closed", True):
+                        driver.autocommit = False  # type: ignore[union-attr]
+        except SQLAlchemyError as error:
+            if committed is not None and _connection_lost(error) and committed():
+                return []
+            raise _FailedBeforeCommitError(error) from error
+
+    return _with_retries(connection, once, description)
+
+
 def run_begun_with(
     connection: DatabaseConnection,
     sql: str,

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 import logging
+import uuid as uuid_module
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import (
-    BigInteger,
     ColumnElement,
-    Integer,
     Result,
-    Table,
     and_,
     bindparam,
     case,
-    cast,
     delete,
     func,
     literal,
-    literal_column,
     or_,
     select,
     true,
@@ -31,15 +26,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.connection import DatabaseConnection
-from db.errors import TaskAlreadyExistsError
-from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus, utcnow
+from db.errors import DatabaseError, TaskAlreadyExistsError
+from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, OPERATION_RETENTION, Task, TaskStatus, utcnow
 from db.models.types import UTCDateTime, canonical_uuid
-from db.unit_of_work import (
-    postgresql_transaction_committed,
-    run_begun_with,
-    run_in_transaction,
-    run_single_statement,
-)
+from db.repositories import statements
+from db.unit_of_work import run_in_transaction, run_single_statement, run_statement
 
 logger = logging.getLogger(__name__)
 
@@ -48,54 +39,14 @@ IMMUTABLE_FIELDS = frozenset({"uuid", "created_at", "updated_at"})
 MAX_PAGE = 1000
 PREVIOUS_STATUSES = (TaskStatus.COMPLETED.value, TaskStatus.STOPPED.value)
 NEWEST_FIRST = (Task.created_at.desc(), Task.uuid.asc())
+EXPIRY_INTERVAL = timedelta(hours=1)
+_BY_UUID = select(Task).where(Task.uuid == bindparam("key"))
 
 
 class TaskKeyLike(Protocol):
     """What identifies a task's issue or merge request: the context_storage task keys have this."""
 
     def task_fields(self) -> Mapping[str, str]: ...
-
-
-_BY_UUID = select(Task).where(Task.uuid == bindparam("key"))
-
-
-@functools.cache
-def _counter_update(added: tuple[str, ...], postgresql: bool, guarded: bool = False) -> Any:
-    """`UPDATE tasks SET col = col + :add_col ... WHERE uuid = :key` for the counters in `added`, built once.
-
-    Core, not ORM: nothing in a session needs synchronising, and a statement built once skips the per-call
-    construction and cache-key work. Each counter is guarded so that INTEGER cannot overflow (the guard adds
-    in BIGINT); a refused increment matches no row.
-    """
-    table: Table = Task.__table__  # type: ignore[assignment]
-    values: dict[str, Any] = {"updated_at": bindparam("now", type_=UTCDateTime())}
-    guards: list[ColumnElement[bool]] = [table.c.uuid == bindparam("key")]
-    if guarded:
-        guards.append(table.c.updated_at == bindparam("expected", type_=UTCDateTime()))
-    for name in added:
-        amount = bindparam(f"add_{name}", type_=Integer())
-        values[name] = table.c[name] + amount
-        guards.append(cast(table.c[name], BigInteger) + amount <= INT_MAX)
-    statement = update(table).where(*guards).values(values)
-    if postgresql:
-        return statement.returning(
-            literal_column("pg_current_xact_id()::text"), literal_column("pg_postmaster_start_time()::text")
-        )
-    return statement
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_statement(statement: Any, dialect: Any) -> Any:
-    return statement.compile(dialect=dialect)
-
-
-def _for_driver(
-    statement: Any, connection: DatabaseConnection, parameters: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    """The statement's SQL for the driver (pyformat) and every parameter it takes, its constants included;
-    compiled once per statement."""
-    compiled = _compiled_statement(statement, connection.engine.dialect)
-    return str(compiled), compiled.construct_params(parameters)
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -112,6 +63,10 @@ class TaskRepository:
     def __init__(self, connection: DatabaseConnection | None = None) -> None:
         self._connection = connection if connection is not None else DatabaseConnection.get_instance()
         self._columns = _column_names()
+        self._dialect = self._connection.engine.dialect
+        self._postgresql = self._connection.config.backend == "postgresql"
+        # The first call of a process expires what earlier processes left.
+        self._next_expiry = datetime.min.replace(tzinfo=UTC)
 
     def ping(self) -> bool:
         """True when the database answers now (one attempt, no retry); never raises."""
@@ -126,6 +81,8 @@ class TaskRepository:
         if missing:
             raise ValueError(f"missing required task fields: {', '.join(missing)}")
         task = Task(**task_data)
+        if self._postgresql:
+            return self._insert(task)
 
         def work(session: Session) -> Task:
             session.add(task)
@@ -146,13 +103,45 @@ class TaskRepository:
         logger.debug("created task %s", task.uuid)
         return task
 
+    def _insert(self, task: Task) -> Task:
+        """PostgreSQL: the INSERT in one round trip, with no session; a lost answer is looked up."""
+        now = utcnow()
+        values = {name: getattr(task, name) for name in statements.COLUMNS}
+        for name, default in (("status", TaskStatus.RUNNING.value), ("created_at", now), ("updated_at", now)):
+            if values[name] is None:
+                values[name] = default
+        for name in COUNTER_COLUMNS:
+            values[name] = values[name] or 0
+        sql, parameters = statements.for_driver(statements.INSERT_TASK, self._dialect, values)
+        try:
+            run_statement(
+                self._connection,
+                sql,
+                parameters,
+                "create task",
+                committed=lambda: self.get_by_uuid(task.uuid) is not None,
+            )
+        except IntegrityError:
+            if self.get_by_uuid(task.uuid) is not None:
+                raise TaskAlreadyExistsError(f"task {task.uuid} already exists") from None
+            raise
+        logger.debug("created task %s", task.uuid)
+        return statements.detached(values)
+
     def get_by_uuid(self, uuid: str) -> Task | None:
         """The task with this uuid, or None."""
         key = canonical_uuid(uuid)
-        task = run_single_statement(
-            self._connection, lambda session: session.scalars(_BY_UUID, {"key": key}).first(), "get task"
-        )
-        if task is None:
+        if self._postgresql:
+            sql, parameters = statements.for_driver(statements.SELECT_BY_UUID, self._dialect, {"key": key})
+            rows = run_statement(self._connection, sql, parameters, "get task")
+            task = statements.task_from_row(rows[0], self._dialect) if rows else None
+        else:
+            task = run_single_statement(
+                self._connection,
+                lambda session: session.scalars(_BY_UUID, {"key": key}).first(),
+                "get task",
+            )
+        if task is None and logger.isEnabledFor(logging.DEBUG):
             logger.debug("task %s not found", key)
         return task
 
@@ -201,31 +190,73 @@ class TaskRepository:
         tokens: int = 0,
         compressions: int = 0,
         *,
-        if_updated_at: datetime | None = None,
+        operation_id: str | None = None,
     ) -> bool:
-        """Add to the counters in one atomic UPDATE, so concurrent callers lose nothing.
+        """Add to the counters, exactly once: concurrent callers lose nothing, and a call sent again counts once.
 
-        `if_updated_at`: add only if the row's `updated_at` is still this (False otherwise, nothing written),
-        which makes writing a batch of increments kept on disk safe to repeat after a crash.
+        The call carries an operation id (`operation_id`, or a new one), recorded in the transaction that adds;
+        a call whose id is already recorded adds nothing and returns True. So a lost answer, a dropped
+        connection or a COMMIT cut off by a crash is simply sent again, and a caller that keeps increments
+        across its own crash sends them again with the id it chose (kept for OPERATION_RETENTION).
         """
         key = canonical_uuid(uuid)
         amounts = dict(zip(COUNTER_COLUMNS, (llm_calls, tool_calls, tokens, compressions), strict=True))
         for name, amount in amounts.items():
             if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= INT_MAX:
                 raise ValueError(f"{name} increment must be an integer in 0..{INT_MAX}, got {amount!r}")
+        operation = canonical_uuid(operation_id) if operation_id is not None else str(uuid_module.uuid4())
         added = tuple(name for name, amount in amounts.items() if amount)
-        parameters = {"key": key, "now": utcnow(), **{f"add_{name}": amounts[name] for name in added}}
-        if if_updated_at is not None:
-            parameters["expected"] = Task.check_values({"updated_at": if_updated_at})["updated_at"]
-        found = self._add_to_counters(added, parameters)
-        if not found and added:
-            current = self.get_by_uuid(key)
-            if current is not None and (if_updated_at is None or current.updated_at == if_updated_at):
-                raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
-            if current is not None:
-                logger.debug("update_statistics: task %s changed since %s; nothing added", key, if_updated_at)
-                return False
+        now = utcnow()
+        parameters = {"key": key, "operation": operation, "now": now}
+        parameters.update({f"add_{name}": amounts[name] for name in added})
+        found = self._add_once(added, parameters) or self._already_added(key, operation, added)
+        self._expire_operations(now)
         return self._report(found, "update_statistics", key)
+
+    def _add_once(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
+        """True when this send added; False when it did not (an id already recorded, no such task, a full
+        counter). Safe to send again: the id makes a second send add nothing."""
+        if self._postgresql:
+            sql, values = statements.for_driver(statements.add_once_postgresql(added), self._dialect, parameters)
+            return bool(run_statement(self._connection, sql, values, "update_statistics"))
+
+        def work(session: Session) -> bool:
+            if _rowcount(session.execute(statements.record_operation_sqlite(added), parameters)) == 0:
+                return False
+            return _rowcount(session.execute(statements.add_sqlite(added), parameters)) > 0
+
+        return run_in_transaction(self._connection, work, "update_statistics", redo_safe=True)
+
+    def _already_added(self, key: str, operation: str, added: tuple[str, ...]) -> bool:
+        """After a send that added nothing: True if the id was recorded (an earlier send took effect), False
+        for a missing task; ValueError if a counter cannot take the increments."""
+        recorded = run_single_statement(
+            self._connection,
+            lambda session: session.execute(statements.OPERATION_RECORDED, {"operation": operation}).first(),
+            "update_statistics",
+        )
+        if recorded is not None:
+            logger.info("update_statistics: operation %s on task %s took effect already", operation, key)
+            return True
+        if added and self.get_by_uuid(key) is not None:
+            raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
+        return False
+
+    def _expire_operations(self, now: datetime) -> None:
+        """Forget operation ids older than OPERATION_RETENTION, at most once an hour per process: an indexed
+        DELETE of an hour's ids, which no writer waits for."""
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRY_INTERVAL
+        before = now - OPERATION_RETENTION
+        try:
+            run_single_statement(
+                self._connection,
+                lambda session: session.execute(statements.EXPIRE_OPERATIONS, {"before": before}),
+                "expire operation ids",
+            )
+        except DatabaseError as exc:
+            logger.warning("operation ids were not expired (tried again in an hour): %s", exc)
 
     def complete(self, uuid: str) -> bool:
         """Mark the task completed, now."""
@@ -343,27 +374,6 @@ class TaskRepository:
         return run_single_statement(
             self._connection, lambda session: _rowcount(session.execute(statement)) > 0, operation
         )
-
-    def _add_to_counters(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
-        """Add to counters: never redone once it may have committed. On PostgreSQL BEGIN and the UPDATE go in
-        one message and the transaction id comes back with it, so the work takes two round trips and a COMMIT
-        whose answer was lost can be looked up."""
-        postgresql = self._connection.config.backend == "postgresql"
-        statement = _counter_update(added, postgresql, "expected" in parameters)
-        if not postgresql:
-            found = run_in_transaction(
-                self._connection,
-                lambda session: _rowcount(session.execute(statement, parameters)) > 0,
-                "update_statistics",
-            )
-            return found
-
-        def committed(row: tuple[Any, ...]) -> bool:
-            return postgresql_transaction_committed(self._connection, str(row[0]), str(row[1]))
-
-        sql, values = _for_driver(statement, self._connection, parameters)
-        outcome = run_begun_with(self._connection, sql, values, "update_statistics", committed)
-        return outcome is not None
 
     @staticmethod
     def _report(found: bool, operation: str, key: str) -> bool:

@@ -24,6 +24,7 @@ import main
 from context_storage import TaskAlreadyRunningError, TaskContextManager, task_context_manager
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository, TaskUsageQuery
 from db.startup import start_database
+from tests.support.agent import kept_statistics
 
 LLM = {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}}
 MANAGER_LOGGER = "context_storage.task_context_manager"
@@ -141,7 +142,7 @@ def agent_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -
         with DatabaseConnection.initialize(
             DatabaseConfig(url=url.render_as_string(hide_password=False))
         ).engine.begin() as raw:
-            raw.exec_driver_sql("DROP TABLE IF EXISTS tasks, alembic_version")
+            raw.exec_driver_sql("DROP TABLE IF EXISTS tasks, task_operations, alembic_version")
         DatabaseConnection.reset()
         database = {"url": url.render_as_string(hide_password=False)}
     yield {"context_storage": {"base_dir": str(tmp_path / "contexts")}, "llm": LLM, "database": database}
@@ -231,7 +232,7 @@ def test_a_manager_closed_while_the_table_is_away_keeps_its_statistics_for_the_n
         manager.update_statistics(llm_calls=2, tokens=40)
         manager.close()
     metadata = json.loads((manager.context_dir / "metadata.json").read_text())
-    assert metadata["unsaved"]["statistics"] == {"llm_calls": 2, "tool_calls": 0, "tokens": 40, "compressions": 0}
+    assert kept_statistics(metadata) == {"llm_calls": 2, "tool_calls": 0, "tokens": 40, "compressions": 0}
     assert f"task {task_uuid} let go with statistics not written; kept in {manager.context_dir}" in caplog.messages
     TaskContextManager(key, task_uuid, agent_config, is_resumed=True).complete()
     row = stored(task_uuid)
@@ -247,7 +248,7 @@ def test_a_dropped_manager_keeps_its_pending_statistics_on_disk(agent_config: di
         manager.update_statistics(tool_calls=3)
         del manager
         gc.collect()
-    assert json.loads((directory / "metadata.json").read_text())["unsaved"]["statistics"]["tool_calls"] == 3
+    assert kept_statistics(json.loads((directory / "metadata.json").read_text()))["tool_calls"] == 3
     TaskContextManager(key, task_uuid, agent_config, is_resumed=True).complete()
     assert stored(task_uuid).tool_call_count == 3
 
@@ -265,7 +266,7 @@ def test_a_manager_dropped_after_its_directory_was_paused_keeps_its_statistics_t
         shutil.move(base / "running" / task_uuid, base / "paused" / task_uuid)
         del manager
         gc.collect()  # a failed write's traceback holds it in a cycle until a collection
-    kept = json.loads((base / "paused" / task_uuid / "metadata.json").read_text())["unsaved"]["statistics"]
+    kept = kept_statistics(json.loads((base / "paused" / task_uuid / "metadata.json").read_text()))
     assert kept == {"llm_calls": 5, "tool_calls": 0, "tokens": 0, "compressions": 0}
     shutil.move(base / "paused" / task_uuid, base / "running" / task_uuid)
     TaskContextManager(key, task_uuid, agent_config, is_resumed=True).complete()
@@ -289,7 +290,7 @@ def test_a_forked_child_lets_go_of_nothing_its_parent_holds(agent_config: dict[s
         with pytest.raises(TaskAlreadyRunningError):
             TaskContextManager(key, task_uuid, agent_config, is_resumed=True)
         manager.close()
-    assert json.loads((manager.context_dir / "metadata.json").read_text())["unsaved"]["statistics"]["llm_calls"] == 5
+    assert kept_statistics(json.loads((manager.context_dir / "metadata.json").read_text()))["llm_calls"] == 5
 
 
 @contextlib.contextmanager
@@ -443,13 +444,13 @@ def test_a_start_interrupted_after_its_row_took_kept_statistics_never_counts_the
     with tables_renamed():
         manager.update_statistics(llm_calls=7)
         manager.complete()  # the 7 are kept in metadata.json
-    real = task_context_manager.write_unsaved_statistics
+    real = task_context_manager.write_kept_statistics
 
     def written_then_interrupted(*args: Any) -> bool:
         real(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(task_context_manager, "write_unsaved_statistics", written_then_interrupted)
+    monkeypatch.setattr(task_context_manager, "write_kept_statistics", written_then_interrupted)
     with pytest.raises(KeyboardInterrupt):
         TaskContextManager(key, task_uuid, agent_config, is_resumed=True)
     monkeypatch.undo()
@@ -504,7 +505,7 @@ def test_after_a_start_that_waited_for_the_database_the_end_makes_one_attempt(
         else:
             getattr(manager, end)()
     assert [message for message in caplog.messages if "retrying in" in message] == []
-    assert json.loads((manager.context_dir / "metadata.json").read_text())["unsaved"]["statistics"]["tokens"] == 3
+    assert kept_statistics(json.loads((manager.context_dir / "metadata.json").read_text()))["tokens"] == 3
 
 
 @pytest.fixture

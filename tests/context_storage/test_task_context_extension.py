@@ -23,7 +23,7 @@ from context_storage.task_lock import TaskAlreadyRunningError, TaskLock
 from db import DatabaseConnection, TaskRepository
 from db.models import INT_MAX
 from db.startup import start_database
-from tests.support.agent import stored, unreachable_database_config
+from tests.support.agent import kept_statistics, stored, unreachable_database_config
 
 KEY = GitHubIssueTaskKey("acme", "web", 77)
 MANAGER_LOGGER = "context_storage.task_context_manager"
@@ -351,7 +351,7 @@ def test_statistics_kept_while_the_table_was_away_are_written_by_the_next_run(
     assert manager.seen == [("failed", "the LLM gave up")]
     metadata = json.loads((manager.context_dir / "metadata.json").read_text(encoding="utf-8"))
     kept = metadata["unsaved"]
-    assert kept["statistics"]["tokens"] == 50
+    assert kept_statistics(metadata)["tokens"] == 50
     assert kept["outcome"] == {
         "status": "failed",
         "error_message": "the LLM gave up",
@@ -468,7 +468,8 @@ def test_a_second_finish_keeps_what_it_cannot_write_and_writes_what_it_can(
     with tasks_table_away():
         manager.update_statistics(tokens=5)
         manager.stop()  # the table is still away: kept in the finished task's metadata.json
-    assert metadata_of(manager.context_dir)["unsaved"] == {"statistics": {**zero, "tokens": 5}}
+    assert kept_statistics(metadata_of(manager.context_dir)) == {**zero, "tokens": 5}
+    assert "outcome" not in metadata_of(manager.context_dir)["unsaved"]
     assert manager.pending_statistics == zero
     assert (stored(lost).status, stored(lost).total_tokens) == ("completed", 0)
 

@@ -15,15 +15,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, inspect, text
-from sqlalchemy.engine import URL
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
-from db import DatabaseConfig, DatabaseConnection, DatabaseError, DatabaseUnavailableError, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, DatabaseUnavailableError, TaskRepository
 from db.errors import DatabaseConfigError
 from db.schema import upgrade_schema
 from tests.support.agent import LLM, stored
 from tests.support.cli import ROOT
-from tests.support.data import EXPECTED_INDEXES, empty_tasks_table, task_data, url_config
+from tests.support.data import EXPECTED_INDEXES, task_data
 from tools.postgres_server import PostgresServer
 
 
@@ -142,21 +141,17 @@ def count_statements(engine: Engine, prefix: str) -> list[str]:
     return seen
 
 
-def test_an_increment_is_not_redone_after_its_commit_was_sent(
+def test_an_increment_whose_commit_answer_was_lost_is_sent_again_and_counts_once(
     connection: DatabaseConnection, repo: TaskRepository
 ) -> None:
     task = repo.create(task_data())
-    updates = count_statements(connection.engine, "UPDATE")
-    lose_the_answer(connection, "COMMIT")
-    if connection.config.backend == "postgresql":
-        # PostgreSQL is asked whether the transaction committed: it did, so the call counts it once.
-        assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
-        # BEGIN travels with the UPDATE, which returns the transaction's id to ask about: two round trips.
-        assert updates[0].lstrip().upper().startswith("BEGIN;") and "pg_current_xact_id" in updates[0]
-    else:
-        with pytest.raises(DatabaseError, match="outcome is unknown"):
-            repo.update_statistics(task.uuid, llm_calls=1, tokens=5)
-    assert len(updates) == 1
+    # PostgreSQL: one statement (WITH recorded AS (INSERT the operation id) UPDATE ...) that commits on its own.
+    # SQLite: INSERT the operation id, then UPDATE, in one transaction.
+    first = "WITH" if connection.config.backend == "postgresql" else "INSERT"
+    sent = count_statements(connection.engine, first)
+    lose_the_answer(connection, first)
+    assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
+    assert len(sent) == 2 and "task_operations" in sent[0]
     found = repo.get_by_uuid(task.uuid)
     assert found is not None and (found.llm_call_count, found.total_tokens) == (1, 5)
 
@@ -198,15 +193,13 @@ def test_a_delete_that_never_left_is_sent_again(connection: DatabaseConnection, 
     assert len(deletes) == 2 and repo.get_by_uuid(task.uuid) is None
 
 
-def test_an_increment_whose_commit_never_left_is_sent_again_once(postgres_url: URL) -> None:
-    connection = empty_tasks_table(url_config(postgres_url))
-    repo = TaskRepository(connection)
+def test_an_increment_that_never_left_is_sent_again_once(connection: DatabaseConnection, repo: TaskRepository) -> None:
     task = repo.create(task_data())
-    updates = count_statements(connection.engine, "UPDATE")
-    drop_before_sending(connection.engine, "COMMIT")
-    # The server rolled the transaction back when the connection went: asked, it says so, and it is redone.
+    first = "WITH" if connection.config.backend == "postgresql" else "INSERT"
+    sent = count_statements(connection.engine, first)
+    drop_before_sending(connection.engine, first)
     assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
-    assert len(updates) == 2
+    assert len(sent) == 2
     found = repo.get_by_uuid(task.uuid)
     assert found is not None and (found.llm_call_count, found.total_tokens) == (1, 5)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -312,20 +313,42 @@ def test_many_processes_add_to_one_task_exactly(
     )
 
 
-def test_guarded_increments_apply_once_and_say_why_they_did_not(
+def test_an_increment_sent_again_with_its_operation_id_counts_once(
     repo: TaskRepository, make_task: Callable[..., Task], caplog: pytest.LogCaptureFixture
 ) -> None:
+    task, other = make_task(), make_task()
+    operation = str(uuid.uuid4())
+    assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5, operation_id=operation) is True
+    with caplog.at_level(logging.INFO, logger="db.repositories.task_repository"):
+        assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5, operation_id=operation.upper()) is True
+    assert f"update_statistics: operation {operation} on task {task.uuid} took effect already" in caplog.messages
+    stored = repo.get_by_uuid(task.uuid)
+    assert stored is not None and (stored.llm_call_count, stored.total_tokens) == (1, 5)
+    # An id is the call's, whichever task it names: sent with another task, it adds nothing there either.
+    assert repo.update_statistics(other.uuid, llm_calls=1, operation_id=operation) is True
+    unchanged = repo.get_by_uuid(other.uuid)
+    assert unchanged is not None and unchanged.llm_call_count == 0
+    # Without an id, each call is its own.
+    assert repo.update_statistics(task.uuid, llm_calls=1) is True
+    assert repo.update_statistics(task.uuid, llm_calls=1) is True
+    again = repo.get_by_uuid(task.uuid)
+    assert again is not None and again.llm_call_count == 3
+    with pytest.raises(ValueError, match="not a valid UUID"):
+        repo.update_statistics(task.uuid, llm_calls=1, operation_id="not-an-id")
+
+
+def test_an_id_refused_with_its_increment_is_not_spent(repo: TaskRepository, make_task: Callable[..., Task]) -> None:
     task = make_task()
-    stamp = task.updated_at
-    assert repo.update_statistics(task.uuid, llm_calls=1, if_updated_at=stamp) is True
-    with caplog.at_level(logging.DEBUG, logger="db.repositories.task_repository"):
-        assert repo.update_statistics(task.uuid, llm_calls=1, if_updated_at=stamp) is False
-    assert f"update_statistics: task {task.uuid} changed since {stamp}; nothing added" in [
-        record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG
-    ]
+    missing = "00000000-0000-4000-8000-000000000003"
+    operation = str(uuid.uuid4())
+    assert repo.update_statistics(missing, llm_calls=1, operation_id=operation) is False
+    assert repo.update_statistics(task.uuid, tokens=INT_MAX) is True
+    with pytest.raises(ValueError, match="past"):
+        repo.update_statistics(task.uuid, tokens=1, operation_id=operation)
+    # Neither refusal recorded the id: the same call, once it can be taken, counts.
+    assert repo.update_statistics(task.uuid, llm_calls=1, operation_id=operation) is True
     stored = repo.get_by_uuid(task.uuid)
     assert stored is not None and stored.llm_call_count == 1
-    assert repo.update_statistics(task.uuid, tokens=7, if_updated_at=stored.updated_at) is True
 
 
 def test_a_counter_may_reach_int_max_and_not_pass_it(repo: TaskRepository, make_task: Callable[..., Task]) -> None:
@@ -422,7 +445,7 @@ def test_increments_to_a_missing_task_leave_the_connection_clean(
     missing = "00000000-0000-4000-8000-000000000002"
     for _ in range(3):  # more times than the pool holds idle connections to hand back
         assert repo.update_statistics(missing, llm_calls=1) is False
-        assert repo.update_statistics(missing, llm_calls=1, if_updated_at=datetime.now(UTC)) is False
+        assert repo.update_statistics(missing, llm_calls=1, operation_id=str(uuid.uuid4())) is False
     task = make_task()
     assert repo.update_statistics(task.uuid, llm_calls=2) is True
     stored = repo.get_by_uuid(task.uuid)

@@ -98,6 +98,7 @@ def test_a_deadlock_is_redone_transparently(postgres_url: URL) -> None:
     with database.engine.begin() as raw:
         raw.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
         raw.exec_driver_sql("DROP TABLE IF EXISTS tasks")
+        raw.exec_driver_sql("DROP TABLE IF EXISTS task_operations")
     upgrade_schema(database)
     repository = TaskRepository(database)
     first, second = repository.create(task_data()), repository.create(task_data())

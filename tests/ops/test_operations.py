@@ -30,6 +30,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 def _drop_everything(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE IF EXISTS tasks")
+        conn.exec_driver_sql("DROP TABLE IF EXISTS task_operations")
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
 
 

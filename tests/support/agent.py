@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from context_storage.unsaved import add_statistics, batches_in_flight
 from db import Task, TaskRepository
 
 LLM = {"provider": "openai", "openai": {"model": "gpt-4o", "context_length": 128000}}
@@ -31,3 +32,12 @@ def stored(task_uuid: str) -> Task:
 
 def counters(task: Task) -> tuple[int, int, int, int]:
     return task.llm_call_count, task.tool_call_count, task.total_tokens, task.compression_count
+
+
+def kept_statistics(metadata: dict[str, Any]) -> dict[str, int]:
+    """Every increment metadata.json keeps for the database: never sent, and in flight (with their ids)."""
+    unsaved = metadata.get("unsaved") or {}
+    total = add_statistics(unsaved.get("statistics") or {}, {})
+    for batch in batches_in_flight(unsaved):
+        total = add_statistics(total, batch["statistics"])
+    return total

@@ -28,7 +28,6 @@ from context_storage import (
     task_context_manager,
     unsaved,
 )
-from db import TaskRepository
 
 KEY = GitHubIssueTaskKey("acme", "web", 1)
 
@@ -46,15 +45,15 @@ def main(point: str, config: dict[str, Any], task_uuid: str, resume: bool) -> No
 
         task_context_manager.shutil.move = move_and_die  # type: ignore[assignment]
     if point == "after-kept-statistics-write":
-        real = TaskRepository.update_statistics
+        real = unsaved.send_batch
 
-        def write_then_die(self: TaskRepository, *args: Any, **kwargs: Any) -> bool:
-            written = real(self, *args, **kwargs)
-            if kwargs.get("if_updated_at") is not None and written:
+        def write_then_die(*args: Any) -> bool:
+            written = real(*args)
+            if written:
                 die()
             return written
 
-        unsaved.TaskRepository.update_statistics = write_then_die  # type: ignore[method-assign]
+        unsaved.send_batch = write_then_die  # type: ignore[assignment]
     manager = TaskContextManager(KEY, task_uuid, config, is_resumed=resume)
     print("started", flush=True)
     if point in ("mid-append", "mid-metadata"):
