@@ -1,19 +1,17 @@
 """Run one unit of work in its own transaction, redoing it after a transient failure when that is safe.
 
 Before COMMIT, a lost connection, a deadlock or a serialization failure leaves nothing behind, so the work
-is redone. A connection lost while COMMIT is in flight leaves the outcome unknown: work that sets values
-(`redo_safe`) is simply redone; work that adds or inserts is first checked with `committed(result)` (on
-PostgreSQL, the transaction's id asked of `pg_xact_status`), and redone only if it did not take effect.
+is redone. A connection lost while COMMIT is in flight leaves the outcome unknown: work that sets values, or
+adds with an operation id (`redo_safe`), is simply redone; work that inserts or deletes is first checked with
+`committed(result)`, and redone only if it did not take effect.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception
@@ -32,8 +30,6 @@ TRANSIENT_SQLSTATES = ROLLED_BACK_SQLSTATES | {"55P03", "53300"}
 # Connection exceptions; operator intervention (admin shutdown, crash shutdown, cannot connect now).
 TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")
 SQLITE_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
-STATUS_POLLS = 100
-STATUS_POLL_SECONDS = 0.05
 
 
 class _FailedBeforeCommitError(Exception):
@@ -223,78 +219,5 @@ def run_statement(
     return _with_retries(connection, once, description)
 
 
-def run_begun_with(
-    connection: DatabaseConnection,
-    sql: str,
-    parameters: dict[str, Any],
-    description: str,
-    committed: Callable[[tuple[Any, ...]], bool],
-) -> tuple[Any, ...] | None:
-    """PostgreSQL: `BEGIN; <sql>` in one message, then `COMMIT`: two round trips where a transaction around one
-    statement takes three, and still a transaction whose COMMIT can be looked up. `sql` returns one row (or
-    none: then nothing is committed and None returned). A failure before COMMIT is retried like any other;
-    a COMMIT whose answer was lost is resolved by `committed(row)`, never by sending the work again.
-    """
-
-    def once() -> tuple[Any, ...] | None:
-        sent: tuple[Any, ...] | None = None
-        try:
-            with connection.engine.connect() as conn:
-                driver = conn.connection.dbapi_connection
-                use_driver_autocommit(driver)  # client-side: BEGIN is ours to send
-                try:
-                    row = conn.exec_driver_sql(f"BEGIN; {sql}", parameters).first()
-                    if row is not None:
-                        sent = tuple(row)
-                        conn.exec_driver_sql("COMMIT")  # ends the transaction, even when it fails
-                    return sent
-                finally:
-                    if not conn.invalidated and not getattr(driver, "closed", True):
-                        if sent is None:
-                            # Nothing to commit, or a failure before COMMIT: no open transaction reaches the pool.
-                            conn.exec_driver_sql("ROLLBACK")
-                        driver.autocommit = False  # type: ignore[union-attr]
-        except SQLAlchemyError as error:
-            if sent is None or _known_rolled_back(error):
-                raise _FailedBeforeCommitError(error) from error
-            if not _connection_lost(error):
-                raise DatabaseError(
-                    f"the commit failed and its outcome is unknown: {describe_driver_error(error)}"
-                ) from error
-            if committed(sent):
-                return sent
-            raise _FailedBeforeCommitError(error) from error
-
-    return _with_retries(connection, once, description)
-
-
 def _known_rolled_back(error: SQLAlchemyError) -> bool:
     return getattr(getattr(error, "orig", None), "pgcode", None) in ROLLED_BACK_SQLSTATES
-
-
-def postgresql_transaction_committed(connection: DatabaseConnection, transaction_id: str, server_started: str) -> bool:
-    """Whether the PostgreSQL transaction `transaction_id` (pg_current_xact_id()) committed.
-
-    `server_started` is pg_postmaster_start_time() as seen by that transaction. After a server restart the
-    answer is not trustworthy (a crash can hand an unflushed transaction's id to a new one), so the outcome
-    is reported as unknown instead.
-    """
-    query = text("SELECT pg_xact_status(CAST(:xid AS xid8)), CAST(pg_postmaster_start_time() AS text)")
-    for _ in range(STATUS_POLLS):
-        status, started = run_in_transaction(
-            connection,
-            lambda session: tuple(session.execute(query, {"xid": transaction_id}).one()),
-            "check a commit",
-            redo_safe=True,
-        )
-        if started != server_started:
-            break
-        if status in ("committed", "aborted"):
-            return bool(status == "committed")
-        if status is None:
-            break
-        time.sleep(STATUS_POLL_SECONDS)  # still in progress: its COMMIT is being written
-    raise DatabaseError(
-        f"the commit of transaction {transaction_id} was cut off and its outcome is unknown "
-        "(the server restarted meanwhile)"
-    )

@@ -97,8 +97,14 @@ class PgBouncer:
         if self._held is not None:
             self._held.close()
             self._held = None
+        # Everything it says goes to its logfile too: a pipe nobody reads would fill, and PgBouncer, blocked
+        # writing to it, would stop serving (it logs every dropped client of a restart).
         self.process = subprocess.Popen(  # type: ignore[call-overload]
-            [self.binary, str(self.config)], cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs
+            [self.binary, str(self.config)],
+            cwd=self.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            **kwargs,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -15,8 +15,9 @@ from sqlalchemy import (
     bindparam,
     cast,
     exists,
+    func,
     insert,
-    literal,
+    literal_column,
     select,
     update,
 )
@@ -33,14 +34,10 @@ COLUMNS = tuple(column.key for column in TASKS.columns)
 
 
 @functools.cache
-def compiled(statement: Any, dialect: Dialect) -> Any:
-    return statement.compile(dialect=dialect)
-
-
-def for_driver(statement: Any, dialect: Dialect, parameters: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The statement's SQL in the driver's form and every parameter it takes (its constants included)."""
-    done = compiled(statement, dialect)
-    return done.string, done.construct_params(parameters)
+def sql(statement: Any, dialect: Dialect) -> str:
+    """The statement's SQL in the driver's form, compiled once. Every statement here binds only named
+    parameters (constants are written into the SQL), so the caller's dict is what the driver takes."""
+    return str(statement.compile(dialect=dialect))
 
 
 SELECT_BY_UUID = select(*TASKS.columns).where(TASKS.c.uuid == bindparam("key"))
@@ -51,7 +48,8 @@ def _counter_guards(added: tuple[str, ...]) -> list[ColumnElement[bool]]:
     """The task, and room in each counter (added in BIGINT, so that INTEGER cannot overflow)."""
     guards: list[ColumnElement[bool]] = [TASKS.c.uuid == bindparam("key")]
     for name in added:
-        guards.append(cast(TASKS.c[name], BigInteger) + bindparam(f"add_{name}", type_=Integer()) <= INT_MAX)
+        added_in_bigint = cast(TASKS.c[name], BigInteger) + bindparam(f"add_{name}", type_=Integer())
+        guards.append(added_in_bigint <= literal_column(str(INT_MAX)))
     return guards
 
 
@@ -62,37 +60,38 @@ def _add_to(added: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def record_operation(insert_factory: Callable[[Table], Any], added: tuple[str, ...]) -> Any:
-    """`INSERT INTO task_operations` of the call's id, if its task can take the increments and the id is new."""
-    possible = select(cast(bindparam("operation"), UUIDString()), cast(bindparam("now"), UTCDateTime())).where(
-        exists().where(*_counter_guards(added))
-    )
-    return insert_factory(OPERATIONS).from_select(["operation_id", "recorded_at"], possible)
-
-
 @functools.cache
 def add_once_postgresql(added: tuple[str, ...]) -> Any:
-    """One statement: record the operation id and add to the counters only if it was new. Both happen in the
-    statement's one transaction, so a call sent twice counts once, whichever of its sends took effect."""
+    """One statement: record the operation id, add to the counters only if the id was new, and say which of
+    the two happened: (1, 1) added; (0, 0) the id was recorded before (an earlier send took effect); (1, 0) the
+    id is recorded but the task could not take the increments (missing, or a counter would overflow).
+    Both writes are in the statement's one transaction, so a call sent twice counts once."""
     recorded = (
-        record_operation(postgresql.insert, added)
+        postgresql.insert(OPERATIONS)
+        .values(operation_id=bindparam("operation"), recorded_at=bindparam("now"))
         .on_conflict_do_nothing(index_elements=["operation_id"])
-        .returning(OPERATIONS.c.operation_id)
+        .returning(literal_column("1"))
         .cte("recorded")
     )
-    return (
+    added_rows = (
         update(TASKS)
-        .add_cte(recorded)
-        .where(*_counter_guards(added), exists(select(recorded.c.operation_id)))
+        .where(*_counter_guards(added), exists(select(literal_column("1")).select_from(recorded)))
         .values(_add_to(added))
-        .returning(literal(1))
+        .returning(literal_column("1"))
+        .cte("added")
+    )
+    return select(
+        select(func.count()).select_from(recorded).scalar_subquery(),
+        select(func.count()).select_from(added_rows).scalar_subquery(),
     )
 
 
-@functools.cache
-def record_operation_sqlite(added: tuple[str, ...]) -> Any:
-    """SQLite takes the two statements in one transaction: this first, then `add_sqlite` if it inserted."""
-    return record_operation(lambda table: sqlite.insert(table).prefix_with("OR IGNORE"), added)
+# SQLite takes the steps in one transaction: this first, then `add_sqlite` if it inserted a row.
+RECORD_OPERATION_SQLITE = (
+    sqlite.insert(OPERATIONS)
+    .prefix_with("OR IGNORE")
+    .values(operation_id=bindparam("operation", type_=UUIDString()), recorded_at=bindparam("now", type_=UTCDateTime()))
+)
 
 
 @functools.cache
@@ -100,9 +99,7 @@ def add_sqlite(added: tuple[str, ...]) -> Any:
     return update(TASKS).where(*_counter_guards(added)).values(_add_to(added))
 
 
-OPERATION_RECORDED = select(OPERATIONS.c.operation_id).where(
-    OPERATIONS.c.operation_id == bindparam("operation", type_=UUIDString())
-)
+FORGET_OPERATION = OPERATIONS.delete().where(OPERATIONS.c.operation_id == bindparam("operation", type_=UUIDString()))
 EXPIRE_OPERATIONS = OPERATIONS.delete().where(OPERATIONS.c.recorded_at < bindparam("before", type_=UTCDateTime()))
 
 

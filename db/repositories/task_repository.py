@@ -112,12 +112,11 @@ class TaskRepository:
                 values[name] = default
         for name in COUNTER_COLUMNS:
             values[name] = values[name] or 0
-        sql, parameters = statements.for_driver(statements.INSERT_TASK, self._dialect, values)
         try:
             run_statement(
                 self._connection,
-                sql,
-                parameters,
+                statements.sql(statements.INSERT_TASK, self._dialect),
+                values,
                 "create task",
                 committed=lambda: self.get_by_uuid(task.uuid) is not None,
             )
@@ -132,8 +131,8 @@ class TaskRepository:
         """The task with this uuid, or None."""
         key = canonical_uuid(uuid)
         if self._postgresql:
-            sql, parameters = statements.for_driver(statements.SELECT_BY_UUID, self._dialect, {"key": key})
-            rows = run_statement(self._connection, sql, parameters, "get task")
+            sql = statements.sql(statements.SELECT_BY_UUID, self._dialect)
+            rows = run_statement(self._connection, sql, {"key": key}, "get task")
             task = statements.task_from_row(rows[0], self._dialect) if rows else None
         else:
             task = run_single_statement(
@@ -209,38 +208,38 @@ class TaskRepository:
         now = utcnow()
         parameters = {"key": key, "operation": operation, "now": now}
         parameters.update({f"add_{name}": amounts[name] for name in added})
-        found = self._add_once(added, parameters) or self._already_added(key, operation, added)
+        recorded, added_now = self._add_once(added, parameters)
+        if not recorded:
+            logger.info("update_statistics: operation %s on task %s took effect already", operation, key)
+        elif not added_now:
+            # Nothing was added: the id must not stand for this call, which a caller may send again.
+            self._forget_operation(operation)
+            if added and self.get_by_uuid(key) is not None:
+                raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
         self._expire_operations(now)
-        return self._report(found, "update_statistics", key)
+        return self._report(not recorded or added_now, "update_statistics", key)
 
-    def _add_once(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
-        """True when this send added; False when it did not (an id already recorded, no such task, a full
-        counter). Safe to send again: the id makes a second send add nothing."""
+    def _add_once(self, added: tuple[str, ...], parameters: dict[str, Any]) -> tuple[bool, bool]:
+        """Whether this send recorded the operation id, and whether it added. Safe to send again: once the id
+        is recorded, a send adds nothing."""
         if self._postgresql:
-            sql, values = statements.for_driver(statements.add_once_postgresql(added), self._dialect, parameters)
-            return bool(run_statement(self._connection, sql, values, "update_statistics"))
+            sql = statements.sql(statements.add_once_postgresql(added), self._dialect)
+            ((recorded, added_now),) = run_statement(self._connection, sql, parameters, "update_statistics")
+            return bool(recorded), bool(added_now)
 
-        def work(session: Session) -> bool:
-            if _rowcount(session.execute(statements.record_operation_sqlite(added), parameters)) == 0:
-                return False
-            return _rowcount(session.execute(statements.add_sqlite(added), parameters)) > 0
+        def work(session: Session) -> tuple[bool, bool]:
+            if _rowcount(session.execute(statements.RECORD_OPERATION_SQLITE, parameters)) == 0:
+                return False, False
+            return True, _rowcount(session.execute(statements.add_sqlite(added), parameters)) > 0
 
         return run_in_transaction(self._connection, work, "update_statistics", redo_safe=True)
 
-    def _already_added(self, key: str, operation: str, added: tuple[str, ...]) -> bool:
-        """After a send that added nothing: True if the id was recorded (an earlier send took effect), False
-        for a missing task; ValueError if a counter cannot take the increments."""
-        recorded = run_single_statement(
+    def _forget_operation(self, operation: str) -> None:
+        run_single_statement(
             self._connection,
-            lambda session: session.execute(statements.OPERATION_RECORDED, {"operation": operation}).first(),
+            lambda session: session.execute(statements.FORGET_OPERATION, {"operation": operation}),
             "update_statistics",
         )
-        if recorded is not None:
-            logger.info("update_statistics: operation %s on task %s took effect already", operation, key)
-            return True
-        if added and self.get_by_uuid(key) is not None:
-            raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
-        return False
 
     def _expire_operations(self, now: datetime) -> None:
         """Forget operation ids older than OPERATION_RETENTION, at most once an hour per process: an indexed

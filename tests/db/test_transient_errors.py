@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +16,13 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
-from db import DatabaseConfig, DatabaseConnection, PoolConfig, Task, TaskRepository, unit_of_work
+from db import DatabaseConnection, PoolConfig, Task, TaskRepository
 from db.errors import DatabaseError
 from db.unit_of_work import (
     _connection_lost,
     _FailedBeforeCommitError,
     _known_rolled_back,
     is_transient_error,
-    postgresql_transaction_committed,
     run_in_transaction,
 )
 from tests.support.data import empty_tasks_table, task_data, url_config
@@ -123,53 +121,6 @@ def test_a_serialization_failure_is_transient_and_rolled_back(server_engine: Eng
     conflict = raised.value
     assert getattr(conflict.orig, "pgcode", None) == "40001"
     assert is_transient_error(conflict) and _known_rolled_back(conflict) and not _connection_lost(conflict)
-
-
-def _transaction(engine: Engine, finish: str) -> tuple[str, str]:
-    with engine.connect() as conn:
-        conn.exec_driver_sql("BEGIN")
-        xid, started = conn.exec_driver_sql("SELECT pg_current_xact_id()::text, pg_postmaster_start_time()::text").one()
-        conn.exec_driver_sql(finish)
-    return str(xid), str(started)
-
-
-def test_a_transactions_outcome_is_looked_up_on_the_server(
-    server_engine: Engine, postgres_url: URL, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    connection = DatabaseConnection(DatabaseConfig(url=postgres_url.render_as_string(hide_password=False)))
-    try:
-        assert postgresql_transaction_committed(connection, *_transaction(server_engine, "COMMIT")) is True
-        assert postgresql_transaction_committed(connection, *_transaction(server_engine, "ROLLBACK")) is False
-        xid, _ = _transaction(server_engine, "COMMIT")
-        with pytest.raises(DatabaseError) as raised:
-            postgresql_transaction_committed(connection, xid, "2000-01-01 00:00:00+00")
-        assert str(raised.value) == (
-            f"the commit of transaction {xid} was cut off and its outcome is unknown (the server restarted meanwhile)"
-        )
-        # Still in progress: polled until it ends, within the polls allowed.
-        monkeypatch.setattr(unit_of_work, "STATUS_POLLS", 400)  # up to 20 s: the COMMIT comes after 0.3 s
-        with server_engine.connect() as open_one:
-            open_one.exec_driver_sql("BEGIN")
-            xid, started = open_one.exec_driver_sql(
-                "SELECT pg_current_xact_id()::text, pg_postmaster_start_time()::text"
-            ).one()
-            ender = threading.Timer(0.3, lambda: open_one.exec_driver_sql("COMMIT"))
-            ender.start()
-            try:
-                assert postgresql_transaction_committed(connection, str(xid), str(started)) is True
-            finally:
-                ender.join()
-        monkeypatch.setattr(unit_of_work, "STATUS_POLLS", 2)
-        with server_engine.connect() as open_one:
-            open_one.exec_driver_sql("BEGIN")
-            xid, started = open_one.exec_driver_sql(
-                "SELECT pg_current_xact_id()::text, pg_postmaster_start_time()::text"
-            ).one()
-            with pytest.raises(DatabaseError, match="outcome is unknown"):
-                postgresql_transaction_committed(connection, str(xid), str(started))
-            open_one.exec_driver_sql("ROLLBACK")
-    finally:
-        connection.dispose()
 
 
 def test_a_statement_timeout_and_a_value_the_driver_cannot_send_are_not_transient(server_engine: Engine) -> None:
@@ -280,7 +231,7 @@ def test_an_increment_leaves_its_connection_to_transactions_again(server_engine:
     task = repository.create(task_data())
     with connection.engine.connect() as conn:
         backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    # Sent with the driver in autocommit (BEGIN travels with the UPDATE): the pool must get it back without,
+    # Sent with the driver in autocommit (one statement that commits on its own): the pool gets it back without,
     # and with no transaction left open on the server, even when the UPDATE found no row to commit.
     for key, landed in ((task.uuid, True), (str(uuid.uuid4()), False)):
         assert repository.update_statistics(key, tokens=5) is landed

@@ -6,6 +6,8 @@ Run as `python -m tests.support.crash_child POINT CONFIG_JSON UUID [resume]`. Th
 - `before-move`: at finish, after the row says finished and before the directory moves;
 - `after-kept-statistics-write`: on resume, right after the statistics kept on disk reached the row,
   before metadata.json forgets them;
+- `sending-kept-statistics`: on resume, once the statistics kept on disk are being sent (the test kills it
+  while the statement waits on the server);
 - `mid-append`: in the middle of writing a message line (half of its bytes are on disk);
 - `mid-metadata`: in the middle of writing metadata.json's replacement, before it is renamed into place;
 - `hold`: stay alive, holding the task, until standard input closes (then die);
@@ -54,6 +56,14 @@ def main(point: str, config: dict[str, Any], task_uuid: str, resume: bool) -> No
             return written
 
         unsaved.send_batch = write_then_die  # type: ignore[assignment]
+    if point == "sending-kept-statistics":
+        real_send = unsaved.send_batch
+
+        def say_then_send(*args: Any) -> bool:
+            print("sending", flush=True)
+            return real_send(*args)
+
+        unsaved.send_batch = say_then_send  # type: ignore[assignment]
     manager = TaskContextManager(KEY, task_uuid, config, is_resumed=resume)
     print("started", flush=True)
     if point in ("mid-append", "mid-metadata"):
