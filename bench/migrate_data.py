@@ -16,9 +16,10 @@ from pathlib import Path
 import psycopg2
 
 from db import DatabaseConfig, DatabaseConnection
+from db.legacy_rows import COLUMNS
 from db.schema import upgrade_schema
 from ops.migrate_data import migrate_data
-from ops.migrate_data_source import COLUMNS, TaskSource
+from ops.migrate_data_source import TaskSource
 from tools.legacy_db import write_legacy_db
 from tools.postgres_server import PostgresServer, start_postgres
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sqlite3
 import statistics
@@ -47,15 +48,36 @@ def rate(count: int, call: Callable[[int], Any]) -> float:
     return count / (time.perf_counter() - started)
 
 
-def repository_ops(repo: TaskRepository, count: int) -> dict[str, float]:
+Calls = dict[str, Callable[[int], Any]]
+
+
+def repository_calls(repo: TaskRepository, count: int) -> Calls:
     keys = [str(uuid.uuid4()) for _ in range(count)]
     fields = dict(zip(("task_source", "owner", "repo", "task_type", "task_id"), ROW, strict=True))
     return {
-        "create": rate(count, lambda i: repo.create({"uuid": keys[i], **fields, "user": "alice"})),
-        "get_by_uuid": rate(count, lambda i: repo.get_by_uuid(keys[i])),
-        "update_statistics": rate(count, lambda i: repo.update_statistics(keys[i], llm_calls=1, tokens=100)),
-        "list_by_status(limit=50)": rate(count, lambda _: repo.list_by_status("running", limit=50)),
+        "create": lambda i: repo.create({"uuid": keys[i], **fields, "user": "alice"}),
+        "get_by_uuid": lambda i: repo.get_by_uuid(keys[i]),
+        "update_statistics": lambda i: repo.update_statistics(keys[i], llm_calls=1, tokens=100),
+        "list_by_status(limit=50)": lambda _: repo.list_by_status("running", limit=50),
     }
+
+
+def repository_ops(repo: TaskRepository, count: int) -> dict[str, float]:
+    return {name: rate(count, call) for name, call in repository_calls(repo, count).items()}
+
+
+def interleaved(clients: dict[str, Calls], count: int, chunk: int = 25) -> dict[str, dict[str, float]]:
+    """Operations per second of each client for each operation, the clients taking turns `chunk` calls at a
+    time: a machine that slows down or speeds up meanwhile does so for all of them alike."""
+    spent = {client: dict.fromkeys(OPERATIONS, 0.0) for client in clients}
+    for name in OPERATIONS:
+        for start in range(0, count, chunk):
+            for client, calls in clients.items():
+                began = time.perf_counter()
+                for index in range(start, min(start + chunk, count)):
+                    calls[name](index)
+                spent[client][name] += time.perf_counter() - began
+    return {client: {name: count / seconds for name, seconds in times.items()} for client, times in spent.items()}
 
 
 def old_sqlite_ops(path: Path, count: int) -> dict[str, float]:
@@ -100,9 +122,9 @@ def old_sqlite_ops(path: Path, count: int) -> dict[str, float]:
     }
 
 
-def raw_psycopg2_ops(url: URL, count: int, *, autocommit: bool = False) -> dict[str, float]:
+def raw_psycopg2_calls(url: URL, count: int, *, autocommit: bool = False) -> tuple[Calls, Callable[[], None]]:
     """Raw psycopg2 on one connection: BEGIN, the statement, COMMIT per operation; or, with `autocommit`, the
-    statement alone (one round trip: the physical limit of any client)."""
+    statement alone (one round trip: the physical limit of any client). With the function that closes it."""
     conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database)
     conn.autocommit = autocommit
     cursor = conn.cursor()
@@ -119,27 +141,19 @@ def raw_psycopg2_ops(url: URL, count: int, *, autocommit: bool = False) -> dict[
         "INSERT INTO tasks (uuid, task_source, owner, repo, task_type, task_id, status, created_at, updated_at, "
         "\"user\") VALUES (%s, %s, %s, %s, %s, %s, 'running', now(), now(), 'alice')"
     )
-    try:
-        return {
-            "create": rate(count, lambda i: run(insert, (keys[i], *ROW))),
-            "get_by_uuid": rate(count, lambda i: run("SELECT * FROM tasks WHERE uuid = %s", (keys[i],), True)),
-            "update_statistics": rate(
-                count,
-                lambda i: run(
-                    "UPDATE tasks SET llm_call_count = llm_call_count + %s, total_tokens = total_tokens + %s, "
-                    "updated_at = now() WHERE uuid = %s",
-                    (1, 100, keys[i]),
-                ),
-            ),
-            "list_by_status(limit=50)": rate(
-                count,
-                lambda _: run(
-                    "SELECT * FROM tasks WHERE status = %s ORDER BY created_at DESC, uuid LIMIT 50", ("running",), True
-                ),
-            ),
-        }
-    finally:
-        conn.close()
+    calls: Calls = {
+        "create": lambda i: run(insert, (keys[i], *ROW)),
+        "get_by_uuid": lambda i: run("SELECT * FROM tasks WHERE uuid = %s", (keys[i],), True),
+        "update_statistics": lambda i: run(
+            "UPDATE tasks SET llm_call_count = llm_call_count + %s, total_tokens = total_tokens + %s, "
+            "updated_at = now() WHERE uuid = %s",
+            (1, 100, keys[i]),
+        ),
+        "list_by_status(limit=50)": lambda _: run(
+            "SELECT * FROM tasks WHERE status = %s ORDER BY created_at DESC, uuid LIMIT 50", ("running",), True
+        ),
+    }
+    return calls, conn.close
 
 
 def upstream_update_statistics(connection: DatabaseConnection, count: int) -> float:
@@ -165,7 +179,8 @@ def upstream_update_statistics(connection: DatabaseConnection, count: int) -> fl
 
 def postgres_comparison(server: PostgresServer, count: int, delay_ms: float) -> None:
     """Repository, raw psycopg2 and the upstream loop on one server: on loopback, or through a proxy that
-    delays each way by `delay_ms`, so that round trips cost what they cost between hosts."""
+    delays each way by `delay_ms`, so that round trips cost what they cost between hosts. The repository and
+    the raw loops take turns, so that the machine's noise falls on each alike."""
     for name in ("bench_raw", "bench_limit", "bench_repo", "bench_upstream"):
         connect(server, name)
         DatabaseConnection.reset()
@@ -175,12 +190,20 @@ def postgres_comparison(server: PostgresServer, count: int, delay_ms: float) -> 
             url = server.database_url(name)
             return url.set(port=proxy.port) if delay_ms else url
 
-        raw = raw_psycopg2_ops(through("bench_raw"), count)
-        limit = raw_psycopg2_ops(through("bench_limit"), count, autocommit=True)
+        raw_calls, close_raw = raw_psycopg2_calls(through("bench_raw"), count)
+        limit_calls, close_limit = raw_psycopg2_calls(through("bench_limit"), count, autocommit=True)
         connection = DatabaseConnection.initialize(
             DatabaseConfig(url=through("bench_repo").render_as_string(hide_password=False))
         )
-        ours = repository_ops(TaskRepository(connection), count)
+        try:
+            rates = interleaved(
+                {"raw": raw_calls, "limit": limit_calls, "ours": repository_calls(TaskRepository(connection), count)},
+                count,
+            )
+        finally:
+            close_raw()
+            close_limit()
+        raw, limit, ours = rates["raw"], rates["limit"], rates["ours"]
         DatabaseConnection.reset()
         upstream = upstream_update_statistics(
             DatabaseConnection.initialize(
@@ -261,7 +284,7 @@ def latency(call: Callable[[], Any], repeat: int = 300) -> tuple[float, float]:
 
 def plan(connection: DatabaseConnection, sql: str) -> str:
     with connection.engine.connect() as conn:
-        lines = [row[0] for row in conn.exec_driver_sql("EXPLAIN " + sql)]
+        lines = [str(row[0]) for row in conn.exec_driver_sql("EXPLAIN " + sql)]
     return next((line.strip() for line in lines if "Index" in line), lines[0].strip())
 
 
@@ -274,7 +297,7 @@ def scale_curve(server: PostgresServer, sizes: list[int]) -> None:
         with connection.engine.connect() as conn:
             keys = [str(row[0]) for row in conn.exec_driver_sql("SELECT uuid FROM tasks ORDER BY random() LIMIT 300")]
         cycle = iter(keys * 3)
-        get_p50, get_p95 = latency(lambda cycle=cycle: repo.get_by_uuid(next(cycle)))
+        get_p50, get_p95 = latency(functools.partial(lambda keys: repo.get_by_uuid(next(keys)), cycle))
         list_p50, list_p95 = latency(lambda: repo.list_by_status("running", limit=50))
         print(
             f"{rows:>9,} rows  get_by_uuid {get_p50:6.2f} / {get_p95:6.2f}   "

@@ -21,13 +21,19 @@ def install_slow_query_log(engine: Engine, threshold_ms: int) -> None:
 
     @event.listens_for(engine, "after_cursor_execute")
     def finished(conn: Any, _cursor: Any, statement: str, _parameters: Any, _context: Any, _many: bool) -> None:
-        elapsed_ms = (time.perf_counter() - conn.info[_STARTS].pop()) * 1000
-        if elapsed_ms >= threshold_ms:
-            # Parameters can hold user data (error messages, user names): only the SQL text is logged.
-            logger.warning("slow query (%.1f ms): %s", elapsed_ms, " ".join(statement.split()))
+        log_if_slow(statement, conn.info[_STARTS].pop(), threshold_ms)
 
     @event.listens_for(engine, "handle_error")
     def failed(context: Any) -> None:
         starts = context.connection.info.get(_STARTS) if context.connection is not None else None
         if starts:
             starts.pop()
+
+
+def log_if_slow(statement: str, started: float, threshold_ms: int) -> None:
+    """Log `statement`, begun at `started` (time.perf_counter()), if it took `threshold_ms` or longer; for
+    statements sent to the driver directly, past the engine's events."""
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    if elapsed_ms >= threshold_ms:
+        # Parameters can hold user data (error messages, user names): only the SQL text is logged.
+        logger.warning("slow query (%.1f ms): %s", elapsed_ms, " ".join(statement.split()))

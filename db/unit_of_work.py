@@ -9,6 +9,7 @@ adds with an operation id (`redo_safe`), is simply redone; work that inserts or 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -18,6 +19,7 @@ from tenacity import Retrying, retry_if_exception
 
 from db.connection import DatabaseConnection, describe_driver_error, retry_policy, use_driver_autocommit
 from db.errors import DatabaseError
+from db.slow_query_log import log_if_slow
 
 logger = logging.getLogger(__name__)
 
@@ -193,28 +195,44 @@ def run_statement(
     committed: Callable[[], bool] | None = None,
 ) -> list[tuple[Any, ...]]:
     """PostgreSQL: `sql`, in the driver's own form, as one statement that commits on its own: one round trip,
-    through a pooled connection and nothing else (no session). Its rows are returned.
+    on a pooled driver connection and nothing else (no session, no SQLAlchemy Connection). Its rows are
+    returned. Failures are raised as SQLAlchemy's exceptions, as any other path raises them.
 
     Without `committed` the statement must be safe to send again (a read, setting values, an increment that
     carries its operation id), and it is redone after any transient failure. With it, a connection lost with
     the statement sent is resolved by `committed()`: True returns no rows, False sends it again.
     """
+    engine = connection.engine
+    threshold_ms = connection.config.slow_query_ms
 
     def once() -> list[tuple[Any, ...]]:
         try:
-            with connection.engine.connect() as conn:
-                driver = conn.connection.dbapi_connection
-                use_driver_autocommit(driver)
-                try:
-                    result = conn.exec_driver_sql(sql, parameters)
-                    return [tuple(row) for row in result] if result.returns_rows else []
-                finally:
-                    if not conn.invalidated and not getattr(driver, "closed", True):
-                        driver.autocommit = False  # type: ignore[union-attr]
+            pooled = engine.raw_connection()
         except SQLAlchemyError as error:
-            if committed is not None and _connection_lost(error) and committed():
-                return []
             raise _FailedBeforeCommitError(error) from error
+        driver: Any = pooled.dbapi_connection
+        try:
+            use_driver_autocommit(driver)
+            started = time.perf_counter()
+            with driver.cursor() as cursor:
+                cursor.execute(sql, parameters)
+                rows = cursor.fetchall() if cursor.description is not None else []
+            log_if_slow(sql, started, threshold_ms)
+            return rows
+        except engine.dialect.loaded_dbapi.Error as driver_error:
+            lost = engine.dialect.is_disconnect(driver_error, driver, None)
+            if lost:
+                pooled.invalidate(driver_error)
+            wrapped = DBAPIError.instance(
+                sql, parameters, driver_error, engine.dialect.loaded_dbapi.Error, connection_invalidated=lost
+            )
+            if committed is not None and lost and committed():
+                return []
+            raise _FailedBeforeCommitError(wrapped) from wrapped
+        finally:
+            if pooled.is_valid and not driver.closed:
+                driver.autocommit = False
+            pooled.close()
 
     return _with_retries(connection, once, description)
 

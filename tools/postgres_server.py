@@ -257,7 +257,7 @@ def _docker_engine_answers() -> bool:
     try:
         import docker
 
-        docker.from_env(timeout=3).ping()
+        docker.from_env(timeout=3).ping()  # type: ignore[attr-defined]
     except Exception:
         return False
     return True

@@ -80,9 +80,9 @@ class TaskRepository:
         missing = [name for name in REQUIRED_FIELDS if task_data.get(name) is None]
         if missing:
             raise ValueError(f"missing required task fields: {', '.join(missing)}")
-        task = Task(**task_data)
         if self._postgresql:
-            return self._insert(task)
+            return self._insert(Task.check_values(task_data))
+        task = Task(**task_data)
 
         def work(session: Session) -> Task:
             session.add(task)
@@ -103,28 +103,28 @@ class TaskRepository:
         logger.debug("created task %s", task.uuid)
         return task
 
-    def _insert(self, task: Task) -> Task:
-        """PostgreSQL: the INSERT in one round trip, with no session; a lost answer is looked up."""
+    def _insert(self, given: dict[str, Any]) -> Task:
+        """PostgreSQL: the INSERT in one round trip, with no session or ORM object on the way (the values are
+        checked as the model checks them); a lost answer is looked up."""
         now = utcnow()
-        values = {name: getattr(task, name) for name in statements.COLUMNS}
-        for name, default in (("status", TaskStatus.RUNNING.value), ("created_at", now), ("updated_at", now)):
-            if values[name] is None:
-                values[name] = default
-        for name in COUNTER_COLUMNS:
-            values[name] = values[name] or 0
+        values: dict[str, Any] = dict.fromkeys(statements.COLUMNS)
+        values.update(status=TaskStatus.RUNNING.value, created_at=now, updated_at=now)
+        values.update(dict.fromkeys(COUNTER_COLUMNS, 0))
+        values.update({name: value for name, value in given.items() if value is not None})
+        key = str(values["uuid"])
         try:
             run_statement(
                 self._connection,
                 statements.sql(statements.INSERT_TASK, self._dialect),
                 values,
                 "create task",
-                committed=lambda: self.get_by_uuid(task.uuid) is not None,
+                committed=lambda: self.get_by_uuid(key) is not None,
             )
         except IntegrityError:
-            if self.get_by_uuid(task.uuid) is not None:
-                raise TaskAlreadyExistsError(f"task {task.uuid} already exists") from None
+            if self.get_by_uuid(key) is not None:
+                raise TaskAlreadyExistsError(f"task {key} already exists") from None
             raise
-        logger.debug("created task %s", task.uuid)
+        logger.debug("created task %s", key)
         return statements.detached(values)
 
     def get_by_uuid(self, uuid: str) -> Task | None:

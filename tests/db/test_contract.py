@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -95,48 +96,94 @@ def lose_the_answer_to_commit(engine: Engine) -> dict[str, int]:
     return state
 
 
-def lose_the_answer_to_the_statement(engine: Engine, prefix: str) -> None:
-    """The next statement starting with `prefix` runs (on PostgreSQL, in autocommit: it commits), then the
-    connection drops before its answer arrives."""
+Hook = Callable[[Any, str], None]
+_DRIVER_HOOKS: weakref.WeakKeyDictionary[Engine, tuple[list[Hook], list[Hook]]] = weakref.WeakKeyDictionary()
+
+
+def driver_hooks(connection: DatabaseConnection) -> tuple[list[Hook], list[Hook]]:
+    """Hooks run by every psycopg2 cursor of `connection` before and after it sends a statement (given the
+    driver connection and the SQL): at the driver itself, which every path reaches, SQLAlchemy's or not."""
+    engine = connection.engine
+    hooks = _DRIVER_HOOKS.get(engine)
+    if hooks is None:
+        import psycopg2.extensions
+
+        before: list[Hook] = []
+        after: list[Hook] = []
+        hooks = _DRIVER_HOOKS[engine] = (before, after)
+
+        class Hooked(psycopg2.extensions.cursor):  # type: ignore[misc]
+            def execute(self, query: Any, variables: Any = None) -> Any:
+                statement = query if isinstance(query, str) else query.decode()
+                for hook in before:
+                    hook(self.connection, statement)
+                result = super().execute(query, variables)
+                for hook in after:
+                    hook(self.connection, statement)
+                return result
+
+        @event.listens_for(engine, "connect")
+        def hook_cursors(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.cursor_factory = Hooked
+
+        engine.dispose()
+    return hooks
+
+
+def _once(prefix: str, action: Callable[[Any], None]) -> Hook:
     state = {"left": 1}
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def executed_then_drop(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def hook(driver: Any, statement: str) -> None:
         if state["left"] and statement.lstrip().upper().startswith(prefix):
             state["left"] -= 1
-            raw = connection.connection.dbapi_connection
-            raw.close()
-            raise type(raw).OperationalError("server closed the connection unexpectedly")  # the driver's own
+            action(driver)
+
+    return hook
 
 
 def lose_the_answer(connection: DatabaseConnection, statement: str) -> None:
-    """Lose the answer to the next `statement`: on PostgreSQL to the statement itself (a single statement
-    commits on its own; an increment sends its own COMMIT), on SQLite to the COMMIT after it."""
-    if connection.config.backend == "postgresql":
-        lose_the_answer_to_the_statement(connection.engine, statement)
-    else:
+    """Lose the answer to the next `statement`: on PostgreSQL to the statement itself (it ran, and in
+    autocommit committed, then the connection drops), on SQLite to the COMMIT after it."""
+    if connection.config.backend != "postgresql":
         lose_the_answer_to_commit(connection.engine)
+        return
+
+    def drop(driver: Any) -> None:
+        driver.close()
+        raise driver.OperationalError("server closed the connection unexpectedly")  # the driver's own
+
+    driver_hooks(connection)[1].append(_once(statement, drop))
 
 
-def drop_before_sending(engine: Engine, prefix: str) -> None:
+def drop_before_sending(connection: DatabaseConnection, prefix: str) -> None:
     """The connection drops just before the next statement starting with `prefix` leaves: it never runs."""
+    if connection.config.backend == "postgresql":
+        driver_hooks(connection)[0].append(_once(prefix, lambda driver: driver.close()))
+        return
     state = {"left": 1}
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def drop(connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    @event.listens_for(connection.engine, "before_cursor_execute")
+    def drop(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if state["left"] and statement.lstrip().upper().startswith(prefix):
             state["left"] -= 1
-            connection.connection.dbapi_connection.close()
+            conn.connection.dbapi_connection.close()
 
 
-def count_statements(engine: Engine, prefix: str) -> list[str]:
+def count_statements(connection: DatabaseConnection, prefix: str) -> list[str]:
+    """Every statement starting with `prefix` sent from now on."""
     seen: list[str] = []
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        # `BEGIN; UPDATE ...` counts as an UPDATE: on PostgreSQL an increment sends BEGIN with it.
-        if statement.lstrip().upper().removeprefix("BEGIN;").lstrip().startswith(prefix):
+    def record(_driver: Any, statement: str) -> None:
+        if statement.lstrip().upper().startswith(prefix):
             seen.append(statement)
+
+    if connection.config.backend == "postgresql":
+        driver_hooks(connection)[0].append(record)
+    else:
+
+        @event.listens_for(connection.engine, "before_cursor_execute")
+        def recorded(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            record(None, statement)
 
     return seen
 
@@ -148,7 +195,7 @@ def test_an_increment_whose_commit_answer_was_lost_is_sent_again_and_counts_once
     # PostgreSQL: one statement (WITH recorded AS (INSERT the operation id) UPDATE ...) that commits on its own.
     # SQLite: INSERT the operation id, then UPDATE, in one transaction.
     first = "WITH" if connection.config.backend == "postgresql" else "INSERT"
-    sent = count_statements(connection.engine, first)
+    sent = count_statements(connection, first)
     lose_the_answer(connection, first)
     assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
     assert len(sent) == 2 and "task_operations" in sent[0]
@@ -160,7 +207,7 @@ def test_work_that_sets_values_is_redone_after_a_lost_commit(
     connection: DatabaseConnection, repo: TaskRepository
 ) -> None:
     task = repo.create(task_data())
-    updates = count_statements(connection.engine, "UPDATE")
+    updates = count_statements(connection, "UPDATE")
     lose_the_answer(connection, "UPDATE")
     assert repo.complete(task.uuid) is True
     assert len(updates) == 2
@@ -170,7 +217,7 @@ def test_work_that_sets_values_is_redone_after_a_lost_commit(
 def test_a_create_whose_commit_answer_was_lost_is_looked_up(
     connection: DatabaseConnection, repo: TaskRepository
 ) -> None:
-    inserts = count_statements(connection.engine, "INSERT")
+    inserts = count_statements(connection, "INSERT")
     lose_the_answer(connection, "INSERT")
     task = repo.create(task_data())
     # Looked up and found: not sent again (which would have reported the task's own row as a duplicate).
@@ -179,7 +226,7 @@ def test_a_create_whose_commit_answer_was_lost_is_looked_up(
 
 def test_a_delete_whose_answer_was_lost_is_looked_up(connection: DatabaseConnection, repo: TaskRepository) -> None:
     task = repo.create(task_data())
-    deletes = count_statements(connection.engine, "DELETE")
+    deletes = count_statements(connection, "DELETE")
     lose_the_answer(connection, "DELETE")
     assert repo.delete(task.uuid) is True
     assert len(deletes) == 1 and repo.get_by_uuid(task.uuid) is None
@@ -187,8 +234,8 @@ def test_a_delete_whose_answer_was_lost_is_looked_up(connection: DatabaseConnect
 
 def test_a_delete_that_never_left_is_sent_again(connection: DatabaseConnection, repo: TaskRepository) -> None:
     task = repo.create(task_data())
-    deletes = count_statements(connection.engine, "DELETE")
-    drop_before_sending(connection.engine, "DELETE")
+    deletes = count_statements(connection, "DELETE")
+    drop_before_sending(connection, "DELETE")
     assert repo.delete(task.uuid) is True
     assert len(deletes) == 2 and repo.get_by_uuid(task.uuid) is None
 
@@ -196,8 +243,8 @@ def test_a_delete_that_never_left_is_sent_again(connection: DatabaseConnection, 
 def test_an_increment_that_never_left_is_sent_again_once(connection: DatabaseConnection, repo: TaskRepository) -> None:
     task = repo.create(task_data())
     first = "WITH" if connection.config.backend == "postgresql" else "INSERT"
-    sent = count_statements(connection.engine, first)
-    drop_before_sending(connection.engine, first)
+    sent = count_statements(connection, first)
+    drop_before_sending(connection, first)
     assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
     assert len(sent) == 2
     found = repo.get_by_uuid(task.uuid)
