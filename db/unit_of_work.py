@@ -205,9 +205,15 @@ def run_statement(
     engine = connection.engine
     threshold_ms = connection.config.slow_query_ms
 
+    driver_error_class = engine.dialect.loaded_dbapi.Error
+
     def once() -> list[tuple[Any, ...]]:
         try:
             pooled = engine.raw_connection()
+        except driver_error_class as cannot_connect:
+            # The pool hands the driver's own error back: wrapped as SQLAlchemy wraps it everywhere else.
+            wrapped = DBAPIError.instance(None, None, cannot_connect, driver_error_class)
+            raise _FailedBeforeCommitError(wrapped) from wrapped
         except SQLAlchemyError as error:
             raise _FailedBeforeCommitError(error) from error
         driver: Any = pooled.dbapi_connection
@@ -219,12 +225,12 @@ def run_statement(
                 rows = cursor.fetchall() if cursor.description is not None else []
             log_if_slow(sql, started, threshold_ms)
             return rows
-        except engine.dialect.loaded_dbapi.Error as driver_error:
+        except driver_error_class as driver_error:
             lost = engine.dialect.is_disconnect(driver_error, driver, None)
             if lost:
                 pooled.invalidate(driver_error)
             wrapped = DBAPIError.instance(
-                sql, parameters, driver_error, engine.dialect.loaded_dbapi.Error, connection_invalidated=lost
+                sql, parameters, driver_error, driver_error_class, connection_invalidated=lost
             )
             if committed is not None and lost and committed():
                 return []
