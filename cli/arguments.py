@@ -23,6 +23,7 @@ def integer_in(low: int, high: int) -> Callable[[str], int]:
 
 
 days = integer_in(1, MAX_DAYS)
+stale_minutes = integer_in(1, 525_600)
 
 
 positive_limit = integer_in(1, MAX_PAGE)

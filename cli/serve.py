@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from cli.arguments import integer_in, network, port, zone_name
@@ -24,6 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         refresh_seconds=args.refresh,
         sums_max_age=args.usage_cache,
         trusted_proxies=tuple(args.trusted_proxy),
+        stale_after=timedelta(minutes=args.stale_minutes),
     )
     config = DatabaseConfig.load(args.config)
     on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
@@ -70,6 +72,13 @@ def register(tree: CommandTree) -> None:
     )
     server.add_argument(
         "--refresh", type=integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"
+    )
+    server.add_argument(
+        "--stale-minutes",
+        type=integer_in(1, 525_600),
+        default=10,
+        metavar="MINUTES",
+        help="a running task with no sign of life from its agent this long is shown as stale (default 10)",
     )
     server.add_argument(
         "--usage-cache",

@@ -8,14 +8,14 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
-from cli.arguments import days, positive_limit, zone_name
+from cli.arguments import days, positive_limit, stale_minutes, zone_name
 from cli.connect import open_read_only, open_read_only_at_head, open_read_write
 from cli.output import EXIT_ERROR, print_bars, print_table, printable, shown
 from cli.tree import CommandTree
 from context_storage.metadata_file import DamagedMetadataError
 from context_storage.reconcile import find_discrepancies
 from context_storage.task_lock import TaskAlreadyRunningError
-from db import DatabaseError, TaskRepository, TaskStatus, TaskUsageQuery
+from db import DatabaseError, TaskLiveness, TaskRepository, TaskStatus, TaskUsageQuery
 from db.config import load_base_dir
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.schema import require_current_schema
@@ -152,6 +152,47 @@ def cmd_tasks_reconcile(args: argparse.Namespace) -> int:
     return 0 if fixed == len(found) else EXIT_ERROR
 
 
+def cmd_tasks_stale(args: argparse.Namespace) -> int:
+    # Listing only reads: a read-only connection. Failing them needs --fail and --yes.
+    fail = args.fail and args.yes
+    connection = open_read_write(args) if fail else open_read_only(args)
+    require_current_schema(connection)
+    liveness = TaskLiveness(connection)
+    silent = timedelta(minutes=args.minutes)
+    now = datetime.now(UTC)
+    found = liveness.stale(silent, now=now)
+    if not found:
+        print(f"no running task has been silent for {args.minutes} minutes")
+        return 0
+    print_table(
+        ("uuid", "task", "host", "last sign of life", "silent for"),
+        [
+            (
+                item.task.uuid,
+                item.task.reference(),
+                printable(item.hostname or "-"),
+                f"{item.last_sign:%Y-%m-%d %H:%M:%S} UTC",
+                _duration(now - item.last_sign),
+            )
+            for item in found
+        ],
+    )
+    if not fail:
+        if args.fail:
+            print(f"{len(found)} would be marked failed: add --yes to do it")
+        return EXIT_ERROR
+    failed = sum(liveness.fail_stale(item.task.uuid, silent, now=now) for item in found)
+    print(f"marked {failed} of {len(found)} failed (the others gave a sign of life or finished meanwhile)")
+    return 0
+
+
+def _duration(span: timedelta) -> str:
+    minutes = int(span.total_seconds() // 60)
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{days}d {hours}h {minutes}m" if days else f"{hours}h {minutes}m"
+
+
 def parse_task_reference(reference: str) -> dict[str, str | None]:
     """`OWNER/REPO#N` (GitHub issue or pull request), `PROJECT!IID` (GitLab merge request) or
     `gitlab:PROJECT#IID` (GitLab issue) as task fields."""
@@ -202,3 +243,11 @@ def register(tree: CommandTree) -> None:
         "compare task directories with their rows after crashes and outages; --yes puts them in step",
     )
     reconcile.add_argument("--yes", action="store_true", help="make the fixes listed")
+    stale = tree.command(
+        tasks, "stale", cmd_tasks_stale, "running tasks whose agent went silent; --fail --yes marks them failed"
+    )
+    stale.add_argument(
+        "--minutes", type=stale_minutes, required=True, help="silent for at least this many minutes (1..525600)"
+    )
+    stale.add_argument("--fail", action="store_true", help="mark them failed, naming their host and last sign")
+    stale.add_argument("--yes", action="store_true", help="with --fail: do it")

@@ -30,8 +30,8 @@ from context_storage.task_key import SupportsToDict, as_task_key
 from context_storage.task_lock import TaskLock
 from context_storage.tool_store import ToolStore
 from context_storage.unsaved import add_statistics, keep_unsaved, new_batch, settle_by_row, write_kept_statistics
-from db import DatabaseError, Task, TaskAlreadyExistsError, TaskRepository
-from db.models import INT_MAX
+from db import DatabaseConnection, DatabaseError, Task, TaskAlreadyExistsError, TaskLiveness, TaskRepository
+from db.models import INT_MAX, NO_SIGN_OF_LIFE
 from db.models.types import canonical_uuid
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.startup import start_database
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 # After the database failed (it would not start, or a write lost it), writes keep their statistics in memory
 # for this long before trying again, so that calls do not each wait out a retry.
 START_AGAIN_AFTER_SECONDS = 60.0
+# A live manager shows a sign of life this often (context_storage.heartbeat), also while its agent waits.
+HEARTBEAT_SECONDS = 60
 FINISHED = ("completed", "failed", "stopped")
 
 
@@ -69,7 +71,11 @@ class TaskContextManager:
         self.config = config
         self.user = user
         self.is_resumed = is_resumed
-        self.base_dir = Path((config.get("context_storage") or {}).get("base_dir", "contexts"))
+        storage = config.get("context_storage") or {}
+        self.base_dir = Path(storage.get("base_dir", "contexts"))
+        heartbeat = storage.get("heartbeat", HEARTBEAT_SECONDS)
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float) or not 0 < heartbeat <= 86400:
+            raise ValueError(f"context_storage.heartbeat must be a number of seconds in (0, 86400], got {heartbeat!r}")
         self.running_dir = self.base_dir / "running"
         self.completed_dir = self.base_dir / "completed"
         self.context_dir = self.running_dir / self.uuid
@@ -100,6 +106,7 @@ class TaskContextManager:
             raise
         # A manager dropped without finishing or closing (an agent's pause path) lets go of its task.
         self._abandoned = weakref.finalize(self, self._claim.let_go)
+        self._claim.heartbeat = _Heartbeat(self.uuid, float(heartbeat))
 
     def _start(self) -> None:
         finished_dir = self.completed_dir / self.uuid
@@ -437,6 +444,9 @@ class TaskContextManager:
                 if self._write("update_statistics", None, force=True) is not True and self._claim.unwritten():
                     self._claim.keep(self.context_dir)
                 return
+            if self._claim.heartbeat is not None:
+                # Before the outcome is written: a beat must not take this finish for a task marked failed.
+                self._claim.heartbeat.stop()
             try:
                 self._finish_locked(status, error_message, action)
             finally:
@@ -484,6 +494,7 @@ class _Claim:
     context_dir: Path
     # The batch being sent, with its operation id, until the database took it.
     in_flight: dict[str, Any] | None = None
+    heartbeat: _Heartbeat | None = None
     owner_pid: int = field(default_factory=os.getpid)
 
     def unwritten(self) -> bool:
@@ -501,6 +512,8 @@ class _Claim:
         a forked child exiting lets go of nothing."""
         if os.getpid() != self.owner_pid:
             return
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.unwritten():
             directory = self._where_the_files_are()
             if directory is not None:
@@ -542,3 +555,50 @@ _CALLED_AS = {"completed": "complete", "stopped": "stop", "failed": "fail"}
 
 # What a write returns when the database refused the values (a counter would pass INTEGER): not worth retrying.
 _REFUSED = object()
+
+
+class _Heartbeat:
+    """A daemon thread that records a sign of life of the task every `interval` seconds, whatever the agent is
+    doing. Holds no reference to its manager, so that a dropped manager is still collected. A task marked
+    failed for want of a sign of life while its agent lived is set running again, with that recorded."""
+
+    def __init__(self, task_uuid: str, interval: float) -> None:
+        self.task_uuid = task_uuid
+        self.interval = interval
+        self._stopped = threading.Event()
+        self._failing = False
+        self._owner_pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{task_uuid}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            if os.getpid() != self._owner_pid:
+                return
+            self.beat()
+
+    def beat(self) -> None:
+        """One sign of life; a database that cannot take it is logged once until it can again."""
+        if not DatabaseConnection.is_initialized():
+            return
+        try:
+            liveness = TaskLiveness()
+            seen = liveness.beat(self.task_uuid, socket.gethostname(), os.getpid())
+            if seen is not None and not self._stopped.is_set():
+                status, message = seen
+                if status == "failed" and message is not None and message.startswith(NO_SIGN_OF_LIFE):
+                    logger.warning(
+                        "task %s was marked failed while its agent lived (%s); it goes on, recorded in the row",
+                        self.task_uuid,
+                        message,
+                    )
+                    liveness.revive(self.task_uuid, message)
+        except Exception as exc:
+            if not self._failing:
+                logger.warning("task %s: no sign of life recorded, the task goes on: %s", self.task_uuid, str(exc))
+            self._failing = True
+            return
+        self._failing = False

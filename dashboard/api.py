@@ -48,6 +48,7 @@ class TaskOut(BaseModel):
     compression_count: int
     error_message: str | None = Field(description="With any password in it masked.")
     user: str | None
+    stale: bool = Field(description="Running with no sign of life from its agent for the dashboard's --stale-minutes.")
 
 
 class TaskPageOut(BaseModel):
@@ -102,12 +103,13 @@ def list_tasks(
     after: Annotated[str | None, Query(description="`next_after` of the previous page.", max_length=64)] = None,
 ) -> dict[str, Any]:
     page = tasks.page(status=status, user=user, after=after, limit=limit)
-    return {"tasks": [task_record(task) for task in page.tasks], "next_after": page.next_after}
+    stale = tasks.stale()
+    return {"tasks": [task_record(task, stale) for task in page.tasks], "next_after": page.next_after}
 
 
 @router.get("/tasks/{uuid}", response_model=TaskOut, responses=ERRORS, summary="One task, every column")
 def get_task(tasks: Reader, uuid: TaskId) -> dict[str, Any]:
-    return task_record(tasks.task(uuid))
+    return task_record(tasks.task(uuid), tasks.stale())
 
 
 @router.get(
@@ -115,7 +117,8 @@ def get_task(tasks: Reader, uuid: TaskId) -> dict[str, Any]:
 )
 def task_history(tasks: Reader, uuid: TaskId) -> dict[str, Any]:
     task = tasks.task(uuid)
-    return {"task": task.uuid, "earlier_runs": [task_record(run) for run in tasks.earlier_runs(task)]}
+    stale = tasks.stale()
+    return {"task": task.uuid, "earlier_runs": [task_record(run, stale) for run in tasks.earlier_runs(task)]}
 
 
 @router.get(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from dashboard.refreshing import RefreshingValues
@@ -15,6 +15,7 @@ from db.connection import DatabaseConnection
 from db.models import Task, TaskStatus
 from db.models.types import canonical_uuid
 from db.redaction import redact_secrets
+from db.repositories.task_liveness import TaskLiveness
 from db.repositories.task_repository import MAX_PAGE, TaskRepository
 from db.repositories.task_usage import TaskUsageQuery, UserUsage, time_zone
 
@@ -31,9 +32,11 @@ class NotFoundError(LookupError):
     """The named task or user has nothing to show."""
 
 
-def task_record(task: Task) -> dict[str, Any]:
-    """Every column of `task`; an error message with any password in it masked."""
+def task_record(task: Task, stale: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every column of `task`, and whether it runs without a sign of life (its uuid in `stale`); an error
+    message with any password in it masked."""
     record = {name: getattr(task, name) for name in TASK_COLUMNS}
+    record["stale"] = task.uuid in stale
     if record["error_message"] is not None:
         record["error_message"] = redact_secrets(record["error_message"])
     return record
@@ -62,6 +65,7 @@ class Overview:
     running: list[Task]
     failures: list[Task]
     now: datetime
+    stale: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,18 @@ class DashboardReader:
     """The dashboard's questions, each answered by the repository or the usage query."""
 
     def __init__(
-        self, connection: DatabaseConnection, clock: Callable[[], datetime], sums: RefreshingValues[Any]
+        self,
+        connection: DatabaseConnection,
+        clock: Callable[[], datetime],
+        sums: RefreshingValues[Any],
+        stale_after: timedelta = timedelta(minutes=10),
     ) -> None:
         self._tasks = TaskRepository(connection)
         self._usage = TaskUsageQuery(connection)
+        self._liveness = TaskLiveness(connection)
         self._clock = clock
         self._sums = sums
+        self._stale_after = stale_after
 
     def overview(self) -> Overview:
         return Overview(
@@ -97,7 +107,13 @@ class DashboardReader:
             running=self._tasks.list_tasks(status=TaskStatus.RUNNING.value, limit=RUNNING_SHOWN),
             failures=self._tasks.list_tasks(status=TaskStatus.FAILED.value, limit=FAILURES_SHOWN),
             now=self._clock(),
+            stale=self.stale(),
         )
+
+    def stale(self) -> frozenset[str]:
+        """The running tasks with no sign of life for the dashboard's `stale_after`."""
+        found = self._liveness.stale(self._stale_after, now=self._clock())
+        return frozenset(item.task.uuid for item in found)
 
     def page(self, *, status: str | None, user: str | None, after: str | None, limit: int) -> TaskPage:
         """One page of the listing, newest first; `next_after` continues it, None on the last page."""

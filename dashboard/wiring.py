@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, Query, Request
@@ -25,13 +25,15 @@ class DashboardSettings:
     """`zone`: the time zone of pages and of API answers that do not name one. `sums_max_age`: seconds for
     which sums over the whole table are reused (0: computed at every request). `clock`: "now" (tests fix it).
     `trusted_proxies`: addresses or networks of reverse proxies whose X-Forwarded-Proto and X-Forwarded-For
-    are believed (the scheme decides whether the sign-in cookie is Secure; the client, whose attempts count)."""
+    are believed (the scheme decides whether the sign-in cookie is Secure; the client, whose attempts count).
+    `stale_after`: a running task with no sign of life for this long is shown as stale."""
 
     zone: str = "UTC"
     refresh_seconds: int = 15
     sums_max_age: float = 0.0
     clock: Callable[[], datetime] = field(default=utcnow)
     trusted_proxies: tuple[str, ...] = ()
+    stale_after: timedelta = timedelta(minutes=10)
 
     def __post_init__(self) -> None:
         time_zone(self.zone)
@@ -39,6 +41,8 @@ class DashboardSettings:
             ipaddress.ip_network(proxy, strict=False)  # ValueError naming it
         if self.refresh_seconds < 1:
             raise ValueError(f"refresh_seconds must be at least 1, got {self.refresh_seconds}")
+        if self.stale_after <= timedelta(0):
+            raise ValueError(f"stale_after must be positive, got {self.stale_after}")
         if not 0 <= self.sums_max_age <= MAX_SUMS_AGE:
             raise ValueError(f"sums_max_age must be 0..{MAX_SUMS_AGE} seconds, got {self.sums_max_age}")
 
@@ -54,7 +58,8 @@ def access(request: Request) -> Access:
 def reader(request: Request) -> DashboardReader:
     source = cast(DatabaseSource, request.app.state.source)
     sums = cast(RefreshingValues[Any], request.app.state.sums)
-    return DashboardReader(source.connection(), settings(request).clock, sums)
+    chosen = settings(request)
+    return DashboardReader(source.connection(), chosen.clock, sums, chosen.stale_after)
 
 
 def _zone(

@@ -4,7 +4,7 @@ from db.config import DatabaseConfig, PoolConfig
 from db.connection import DatabaseConnection
 from db.errors import DatabaseConfigError, DatabaseError, DatabaseUnavailableError, TaskAlreadyExistsError
 from db.models import Base, Task, TaskStatus, TimestampMixin
-from db.repositories import DailyUsage, TaskRepository, TaskUsageQuery, UserUsage
+from db.repositories import DailyUsage, StaleTask, TaskLiveness, TaskRepository, TaskUsageQuery, UserUsage
 
 __all__ = [
     "Base",
@@ -15,8 +15,10 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnavailableError",
     "PoolConfig",
+    "StaleTask",
     "Task",
     "TaskAlreadyExistsError",
+    "TaskLiveness",
     "TaskRepository",
     "TaskStatus",
     "TaskUsageQuery",

@@ -2,15 +2,18 @@
 
 from db.models.base import Base, TimestampMixin, utcnow
 from db.models.task import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus
+from db.models.task_heartbeat import NO_SIGN_OF_LIFE, TaskHeartbeat
 from db.models.task_operation import OPERATION_RETENTION, TaskOperation
 
 __all__ = [
     "COUNTER_COLUMNS",
     "FINISHED_STATUSES",
     "INT_MAX",
+    "NO_SIGN_OF_LIFE",
     "OPERATION_RETENTION",
     "Base",
     "Task",
+    "TaskHeartbeat",
     "TaskOperation",
     "TaskStatus",
     "TimestampMixin",

@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.exc import DBAPIError
 
 import main
@@ -34,6 +34,7 @@ from dashboard.server import bind, url_of
 from dashboard.sign_in import FREE_FAILURES, Sessions
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository
 from db.errors import DatabaseError
+from db.models import TaskHeartbeat
 from db.repositories.task_repository import MAX_PAGE
 from db.repositories.task_usage import MAX_DAYS, time_zone
 from db.schema import require_current_schema, upgrade_schema
@@ -118,6 +119,26 @@ def test_tasks_come_newest_first_filtered_and_page_by_page(client: TestClient, m
     assert 'rel="next"' not in first_page
 
 
+def test_running_tasks_without_a_sign_of_life_are_marked_stale(
+    client: TestClient, connection: DatabaseConnection, make_task: Callable[..., Task]
+) -> None:
+    silent, beating, finished = (make_task(status="running"), make_task(status="running"), make_task(status="failed"))
+    with connection.engine.begin() as raw:
+        for task in (silent, beating, finished):
+            raw.execute(update(Task).where(Task.uuid == task.uuid).values(updated_at=NOW - timedelta(hours=2)))
+        # One beat a minute before the dashboard's now: alive.
+        raw.execute(
+            insert(TaskHeartbeat).values(
+                task_uuid=beating.uuid, beat_at=NOW - timedelta(minutes=1), hostname="h", process_id=1
+            )
+        )
+    marks = {task["uuid"]: task["stale"] for task in ok(client, "/api/tasks")["tasks"]}
+    assert marks == {silent.uuid: True, beating.uuid: False, finished.uuid: False}
+    assert ok(client, f"/api/tasks/{silent.uuid}")["stale"] is True
+    overview = client.get("/").text
+    assert re.findall(r'<tr data-uuid="([^"]+)" class="stale">', overview) == [silent.uuid]
+
+
 def test_one_task_shows_every_column_and_only_its_earlier_runs(
     client: TestClient, repo: TaskRepository, make_task: Callable[..., Task]
 ) -> None:
@@ -163,6 +184,7 @@ def test_one_task_shows_every_column_and_only_its_earlier_runs(
         "compression_count": 0,
         "error_message": None,
         "user": "carol",
+        "stale": False,
     }
     history = ok(client, f"/api/tasks/{task.uuid}/history")
     assert history["task"] == task.uuid
