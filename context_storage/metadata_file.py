@@ -103,12 +103,7 @@ def check_metadata(metadata: dict[str, Any]) -> None:
         raise DamagedMetadataError("has an unsaved part that is not statistics, in_flight and outcome")
     if unsaved.get("statistics") is not None:
         _check_statistics(unsaved["statistics"], "unsaved statistics")
-    in_flight = unsaved.get("in_flight")
-    # A list of batches; a file written before operation ids holds one batch, with its row_version.
-    for batch in [in_flight] if isinstance(in_flight, dict) else in_flight or []:
-        _check_batch(batch)
-    if in_flight is not None and not isinstance(in_flight, dict | list):
-        raise DamagedMetadataError("has in-flight statistics that are not a list of batches")
+    _check_in_flight(unsaved.get("in_flight"))
     outcome = unsaved.get("outcome")
     if outcome is not None:
         if not isinstance(outcome, dict) or outcome.get("status") not in FINISHED:
@@ -117,6 +112,19 @@ def check_metadata(metadata: dict[str, Any]) -> None:
             raise DamagedMetadataError("has a kept outcome whose error_message is not text")
         if outcome.get("completed_at") is not None:
             _instant(outcome["completed_at"], "kept outcome's completed_at")
+
+
+def _check_in_flight(in_flight: object) -> None:
+    if in_flight is not None and not isinstance(in_flight, dict | list):
+        raise DamagedMetadataError("has in-flight statistics that are not a list of batches")
+    # A list of batches; a file written before operation ids holds one batch, with its row_version.
+    batches = [in_flight] if isinstance(in_flight, dict) else in_flight or []
+    for batch in batches:
+        _check_batch(batch)
+    ids = [str(uuid.UUID(batch["operation_id"])) for batch in batches if "operation_id" in batch]
+    if len(set(ids)) != len(ids):
+        # Two batches under one id would count as one: which of them was sent cannot be told.
+        raise DamagedMetadataError("has in-flight batches that share an operation_id")
 
 
 def _check_batch(batch: object) -> None:

@@ -163,6 +163,10 @@ def _write_statistics(key: str, directory: Path, repository: TaskRepository) -> 
 
 
 def _write_outcome(key: str, directory: Path, outcome: dict[str, object], repository: TaskRepository) -> None:
+    # Statistics kept beside the outcome go first: batches too old for their ids are decided by the row, which
+    # the outcome would move on.
+    if not write_kept_statistics(directory, load_metadata(directory), key, repository):
+        raise ValueError(f"the statistics kept for task {key} could not be written first; the outcome waits")
     values: dict[str, object] = {"status": outcome["status"]}
     if outcome.get("error_message") is not None:
         values["error_message"] = outcome["error_message"]

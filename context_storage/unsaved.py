@@ -98,8 +98,15 @@ def settle_by_row(directory: Path, metadata: dict[str, Any], task_uuid: str, rep
         version = batch.get("row_version")
         if version is not None and row.updated_at != datetime.fromisoformat(version):
             logger.info("task %s: statistics sent before a crash were written; not sending them again", task_uuid)
-        else:
-            statistics = add_statistics(statistics, batch["statistics"])
+            continue
+        if version is None:
+            logger.warning(
+                "task %s: statistics %s were being sent too long ago for their id to tell whether they landed; "
+                "sending them again (they may count twice)",
+                task_uuid,
+                batch["statistics"],
+            )
+        statistics = add_statistics(statistics, batch["statistics"])
     unsaved["statistics"] = statistics
     unsaved["in_flight"] = [batch for batch in pending if _settled_by_id(batch)]
     _store(directory, metadata, unsaved)
@@ -132,13 +139,19 @@ def write_kept_statistics(
         _store(directory, metadata, unsaved)
     elif statistics is not None:
         _store(directory, metadata, unsaved)
-    while pending:
-        if not send_batch(pending[0], task_uuid, repository):
-            return False
-        pending.pop(0)
-        unsaved["in_flight"] = pending
-        _store(directory, metadata, unsaved)
-    return True
+    # Each batch is safe to send again with its id, so the file is rewritten once, after all of them (or after
+    # those that went before a missing row or a failure): one durable write however many there are.
+    sent = 0
+    try:
+        for batch in pending:
+            if not send_batch(batch, task_uuid, repository):
+                break
+            sent += 1
+    finally:
+        if sent:
+            unsaved["in_flight"] = pending[sent:]
+            _store(directory, metadata, unsaved)
+    return sent == len(pending)
 
 
 def send_batch(batch: dict[str, Any], task_uuid: str, repository: TaskRepository) -> bool:

@@ -228,7 +228,9 @@ def run_statement(
         except driver_error_class as driver_error:
             lost = engine.dialect.is_disconnect(driver_error, driver, None)
             if lost:
-                pooled.invalidate(driver_error)
+                # As SQLAlchemy's own path does: every connection of the pool older than this one is dropped at
+                # its next checkout (after a server restart they are all dead), and this one now.
+                engine.pool._invalidate(pooled, driver_error)
             wrapped = DBAPIError.instance(
                 sql, parameters, driver_error, driver_error_class, connection_invalidated=lost
             )

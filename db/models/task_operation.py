@@ -1,4 +1,4 @@
-"""The `task_operations` table: ids of the counter increments that took effect, kept for a day."""
+"""The `task_operations` table: ids of the counter increments that took effect, kept for a week."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from db.models.base import Base
 from db.models.types import UTCDateTime, UUIDString
 
-# How long an increment's id is kept: a call sent again within this finds its id and adds nothing. Longer
-# than any retry of the repository or of a live manager; a batch kept on disk across a crash is decided by
-# its task's row after this (context_storage/unsaved.py).
-OPERATION_RETENTION = timedelta(hours=24)
+# How long an increment's id is kept: a call sent again within this finds its id and adds nothing. Far longer
+# than any retry of the repository or of a live manager, and than a paused task usually waits; a batch kept
+# on disk longer than this is decided by its task's row (context_storage/unsaved.py).
+OPERATION_RETENTION = timedelta(days=7)
 
 
 class TaskOperation(Base):

@@ -21,7 +21,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import class_mapper, make_transient_to_detached
 
@@ -60,47 +59,62 @@ def _add_to(added: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
+def _id_not_recorded() -> ColumnElement[bool]:
+    return ~exists().where(OPERATIONS.c.operation_id == bindparam("operation", type_=UUIDString()))
+
+
 @functools.cache
 def add_once_postgresql(added: tuple[str, ...]) -> Any:
-    """One statement: record the operation id, add to the counters only if the id was new, and say which of
-    the two happened: (1, 1) added; (0, 0) the id was recorded before (an earlier send took effect); (1, 0) the
-    id is recorded but the task could not take the increments (missing, or a counter would overflow).
-    Both writes are in the statement's one transaction, so a call sent twice counts once."""
-    recorded = (
-        postgresql.insert(OPERATIONS)
-        .values(operation_id=bindparam("operation"), recorded_at=bindparam("now"))
-        .on_conflict_do_nothing(index_elements=["operation_id"])
-        .returning(literal_column("1"))
-        .cte("recorded")
-    )
+    """One statement: add to the counters if the operation id is not recorded yet, and record it only then;
+    its one row says whether it added (1) or not (0: the id was recorded before, the task is missing, or a
+    counter would overflow; a refused call leaves its id unused). Both writes are in the statement's one
+    transaction, so a call sent twice counts once; two sends running at once collide on the id's unique key
+    and the later one fails whole. The id's time is the server's, as is the expiry's."""
     added_rows = (
         update(TASKS)
-        .where(*_counter_guards(added), exists(select(literal_column("1")).select_from(recorded)))
+        .where(*_counter_guards(added), _id_not_recorded())
         .values(_add_to(added))
         .returning(literal_column("1"))
         .cte("added")
     )
-    return select(
-        select(func.count()).select_from(recorded).scalar_subquery(),
-        select(func.count()).select_from(added_rows).scalar_subquery(),
+    recorded = (
+        insert(OPERATIONS)
+        .from_select(
+            ["operation_id", "recorded_at"],
+            select(cast(bindparam("operation"), UUIDString()), func.now()).select_from(added_rows),
+        )
+        .returning(literal_column("1"))
+        .cte("recorded")
     )
-
-
-# SQLite takes the steps in one transaction: this first, then `add_sqlite` if it inserted a row.
-RECORD_OPERATION_SQLITE = (
-    sqlite.insert(OPERATIONS)
-    .prefix_with("OR IGNORE")
-    .values(operation_id=bindparam("operation", type_=UUIDString()), recorded_at=bindparam("now", type_=UTCDateTime()))
-)
+    return select(func.count()).select_from(recorded)
 
 
 @functools.cache
-def add_sqlite(added: tuple[str, ...]) -> Any:
-    return update(TASKS).where(*_counter_guards(added)).values(_add_to(added))
+def add_once_sqlite(added: tuple[str, ...]) -> Any:
+    """SQLite: the UPDATE; then, in the same transaction, `RECORD_OPERATION_SQLITE` if it added."""
+    return update(TASKS).where(*_counter_guards(added), _id_not_recorded()).values(_add_to(added))
 
 
-FORGET_OPERATION = OPERATIONS.delete().where(OPERATIONS.c.operation_id == bindparam("operation", type_=UUIDString()))
-EXPIRE_OPERATIONS = OPERATIONS.delete().where(OPERATIONS.c.recorded_at < bindparam("before", type_=UTCDateTime()))
+RECORD_OPERATION_SQLITE = insert(OPERATIONS).values(
+    operation_id=bindparam("operation", type_=UUIDString()), recorded_at=bindparam("now", type_=UTCDateTime())
+)
+OPERATION_RECORDED = select(OPERATIONS.c.operation_id).where(
+    OPERATIONS.c.operation_id == bindparam("operation", type_=UUIDString())
+)
+EXPIRY_BATCH = 5000
+
+
+def expire_operations(postgresql_server: bool) -> Any:
+    """Delete up to EXPIRY_BATCH ids recorded before the retention began (by the server's clock on PostgreSQL,
+    skipping rows another expiry holds)."""
+    if postgresql_server:
+        cutoff: Any = func.now() - bindparam("retention")
+        expired = select(OPERATIONS.c.operation_id).where(OPERATIONS.c.recorded_at < cutoff)
+        expired = expired.limit(EXPIRY_BATCH).with_for_update(skip_locked=True)
+    else:
+        cutoff = bindparam("before", type_=UTCDateTime())
+        expired = select(OPERATIONS.c.operation_id).where(OPERATIONS.c.recorded_at < cutoff).limit(EXPIRY_BATCH)
+    return OPERATIONS.delete().where(OPERATIONS.c.operation_id.in_(expired))
 
 
 @functools.cache

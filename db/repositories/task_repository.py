@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid as uuid_module
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import (
     ColumnElement,
@@ -40,6 +41,7 @@ MAX_PAGE = 1000
 PREVIOUS_STATUSES = (TaskStatus.COMPLETED.value, TaskStatus.STOPPED.value)
 NEWEST_FIRST = (Task.created_at.desc(), Task.uuid.asc())
 EXPIRY_INTERVAL = timedelta(hours=1)
+EXPIRY_BATCHES = 20
 _BY_UUID = select(Task).where(Task.uuid == bindparam("key"))
 
 
@@ -60,13 +62,14 @@ def _column_names() -> frozenset[str]:
 class TaskRepository:
     """Reads and writes tasks; each method is one transaction and returns detached, fully loaded objects."""
 
+    # When this process next expires operation ids (time.monotonic()): its first increment does it at once.
+    next_expiry: ClassVar[float] = 0.0
+
     def __init__(self, connection: DatabaseConnection | None = None) -> None:
         self._connection = connection if connection is not None else DatabaseConnection.get_instance()
         self._columns = _column_names()
         self._dialect = self._connection.engine.dialect
         self._postgresql = self._connection.config.backend == "postgresql"
-        # The first call of a process expires what earlier processes left.
-        self._next_expiry = datetime.min.replace(tzinfo=UTC)
 
     def ping(self) -> bool:
         """True when the database answers now (one attempt, no retry); never raises."""
@@ -93,7 +96,7 @@ class TaskRepository:
                 self._connection,
                 work,
                 "create task",
-                committed=lambda _: self.get_by_uuid(task.uuid) is not None,
+                committed=lambda _: self._is_ours(task.uuid, task.created_at, task.updated_at),
                 single_statement=True,
             )
         except IntegrityError:
@@ -118,7 +121,7 @@ class TaskRepository:
                 statements.sql(statements.INSERT_TASK, self._dialect),
                 values,
                 "create task",
-                committed=lambda: self.get_by_uuid(key) is not None,
+                committed=lambda: self._is_ours(key, values["created_at"], values["updated_at"]),
             )
         except IntegrityError:
             if self.get_by_uuid(key) is not None:
@@ -126,6 +129,12 @@ class TaskRepository:
             raise
         logger.debug("created task %s", key)
         return statements.detached(values)
+
+    def _is_ours(self, key: str, created_at: datetime, updated_at: datetime) -> bool:
+        """After a lost answer to an INSERT: whether the row with this uuid is the one it sent (an earlier task of
+        the same uuid is not), by the times it carried."""
+        found = self.get_by_uuid(key)
+        return found is not None and (found.created_at, found.updated_at) == (created_at, updated_at)
 
     def get_by_uuid(self, uuid: str) -> Task | None:
         """The task with this uuid, or None."""
@@ -205,55 +214,65 @@ class TaskRepository:
                 raise ValueError(f"{name} increment must be an integer in 0..{INT_MAX}, got {amount!r}")
         operation = canonical_uuid(operation_id) if operation_id is not None else str(uuid_module.uuid4())
         added = tuple(name for name, amount in amounts.items() if amount)
-        now = utcnow()
-        parameters = {"key": key, "operation": operation, "now": now}
+        parameters = {"key": key, "operation": operation, "now": utcnow()}
         parameters.update({f"add_{name}": amounts[name] for name in added})
-        recorded, added_now = self._add_once(added, parameters)
-        if not recorded:
-            logger.info("update_statistics: operation %s on task %s took effect already", operation, key)
-        elif not added_now:
-            # Nothing was added: the id must not stand for this call, which a caller may send again.
-            self._forget_operation(operation)
-            if added and self.get_by_uuid(key) is not None:
-                raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
-        self._expire_operations(now)
-        return self._report(not recorded or added_now, "update_statistics", key)
+        found = self._add_once(added, parameters) or self._added_before(key, operation, added)
+        self._expire_operations()
+        return self._report(found, "update_statistics", key)
 
-    def _add_once(self, added: tuple[str, ...], parameters: dict[str, Any]) -> tuple[bool, bool]:
-        """Whether this send recorded the operation id, and whether it added. Safe to send again: once the id
-        is recorded, a send adds nothing."""
-        if self._postgresql:
-            sql = statements.sql(statements.add_once_postgresql(added), self._dialect)
-            ((recorded, added_now),) = run_statement(self._connection, sql, parameters, "update_statistics")
-            return bool(recorded), bool(added_now)
+    def _add_once(self, added: tuple[str, ...], parameters: dict[str, Any]) -> bool:
+        """Whether this send added. Safe to send again: once its id is recorded, a send adds nothing; a send
+        that collides with another of the same id, running at once, fails whole and adds nothing."""
+        try:
+            if self._postgresql:
+                sql = statements.sql(statements.add_once_postgresql(added), self._dialect)
+                ((recorded,),) = run_statement(self._connection, sql, parameters, "update_statistics")
+                return bool(recorded)
 
-        def work(session: Session) -> tuple[bool, bool]:
-            if _rowcount(session.execute(statements.RECORD_OPERATION_SQLITE, parameters)) == 0:
-                return False, False
-            return True, _rowcount(session.execute(statements.add_sqlite(added), parameters)) > 0
+            def work(session: Session) -> bool:
+                if _rowcount(session.execute(statements.add_once_sqlite(added), parameters)) == 0:
+                    return False
+                session.execute(statements.RECORD_OPERATION_SQLITE, parameters)
+                return True
 
-        return run_in_transaction(self._connection, work, "update_statistics", redo_safe=True)
+            return run_in_transaction(self._connection, work, "update_statistics", redo_safe=True)
+        except IntegrityError:
+            return False  # the other send of this id added: `_added_before` finds its id
 
-    def _forget_operation(self, operation: str) -> None:
-        run_single_statement(
+    def _added_before(self, key: str, operation: str, added: tuple[str, ...]) -> bool:
+        """After a send that added nothing: True if the id is recorded (an earlier send of the call added),
+        False for a missing task; ValueError if a counter cannot take the increments."""
+        recorded = run_single_statement(
             self._connection,
-            lambda session: session.execute(statements.FORGET_OPERATION, {"operation": operation}),
+            lambda session: session.execute(statements.OPERATION_RECORDED, {"operation": operation}).first(),
             "update_statistics",
         )
+        if recorded is not None:
+            logger.info("update_statistics: operation %s on task %s took effect already", operation, key)
+            return True
+        if added and self.get_by_uuid(key) is not None:
+            raise ValueError(f"the increments would take a counter of task {key} past {INT_MAX}")
+        return False
 
-    def _expire_operations(self, now: datetime) -> None:
-        """Forget operation ids older than OPERATION_RETENTION, at most once an hour per process: an indexed
-        DELETE of an hour's ids, which no writer waits for."""
-        if now < self._next_expiry:
+    def _expire_operations(self) -> None:
+        """Forget operation ids older than OPERATION_RETENTION, at most once an hour per process, in batches
+        (each a short indexed DELETE; on PostgreSQL by the server's clock, skipping rows another process is
+        expiring), never more than EXPIRY_BATCHES of them at a time."""
+        now = time.monotonic()
+        if now < TaskRepository.next_expiry:
             return
-        self._next_expiry = now + EXPIRY_INTERVAL
-        before = now - OPERATION_RETENTION
+        TaskRepository.next_expiry = now + EXPIRY_INTERVAL.total_seconds()
+        statement = statements.expire_operations(self._postgresql)
+        parameters = {"retention": OPERATION_RETENTION, "before": utcnow() - OPERATION_RETENTION}
         try:
-            run_single_statement(
-                self._connection,
-                lambda session: session.execute(statements.EXPIRE_OPERATIONS, {"before": before}),
-                "expire operation ids",
-            )
+            for _ in range(EXPIRY_BATCHES):
+                deleted = run_single_statement(
+                    self._connection,
+                    lambda session: _rowcount(session.execute(statement, parameters)),
+                    "expire operation ids",
+                )
+                if deleted < statements.EXPIRY_BATCH:
+                    break
         except DatabaseError as exc:
             logger.warning("operation ids were not expired (tried again in an hour): %s", exc)
 

@@ -75,6 +75,17 @@ DAMAGE = {
     "tokens overflow": b'{"unsaved": {"statistics": {"tokens": 1e400}}}',
     "torn": b'{"uuid": "',
     "row_version is not a time": b'{"unsaved": {"in_flight": {"statistics": {"tokens": 1}, "row_version": "x"}}}',
+    "two batches under one id": (
+        b'{"unsaved": {"in_flight": ['
+        b'{"statistics": {"tokens": 5}, "operation_id": "0f0e0d0c-0b0a-4909-8807-060504030201",'
+        b' "sent_at": "2026-12-01T00:00:00+00:00"},'
+        b'{"statistics": {"tokens": 7}, "operation_id": "0F0E0D0C-0B0A-4909-8807-060504030201",'
+        b' "sent_at": "2026-12-01T00:00:00+00:00"}]}}'
+    ),
+    "operation_id is not a UUID": (
+        b'{"unsaved": {"in_flight": [{"statistics": {"tokens": 5}, "operation_id": "x",'
+        b' "sent_at": "2026-12-01T00:00:00+00:00"}]}}'
+    ),
 }
 
 

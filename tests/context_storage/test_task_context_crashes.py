@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import psycopg2
 import pytest
 from sqlalchemy import create_engine
 
-from context_storage import GitHubIssueTaskKey, TaskContextManager, task_context_manager
+from context_storage import GitHubIssueTaskKey, TaskContextManager, task_context_manager, unsaved
 from context_storage.jsonl_log import JsonlLog
 from context_storage.reconcile import find_discrepancies
 from context_storage.task_lock import TaskAlreadyRunningError
@@ -255,6 +256,52 @@ def test_kept_statistics_sent_by_an_agent_killed_before_the_answer_count_once(ag
         watcher.close()
     # The batch landed once, by whichever send; the resumed run added its own.
     assert counters(stored(key)) == (2 + 1, 4, 60 + 10, 0)
+
+
+def test_many_kept_batches_are_sent_with_one_rewrite_of_metadata_json(
+    agent_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = str(uuid.uuid4())
+    directory = _finished_with_kept_statistics(agent_config, key)
+    data = metadata(directory)
+    sent_at = datetime.now(UTC).isoformat()
+    data["unsaved"] = {
+        "in_flight": [
+            {"statistics": {"tokens": 1}, "operation_id": str(uuid.uuid4()), "sent_at": sent_at} for _ in range(300)
+        ]
+    }
+    (directory / "metadata.json").write_text(json.dumps(data), encoding="utf-8")
+    writes: list[int] = []
+    real = unsaved.write_metadata
+    monkeypatch.setattr(unsaved, "write_metadata", lambda *args: (writes.append(1), real(*args))[1])
+    TaskContextManager(KEY, key, agent_config, is_resumed=True).complete()
+    assert counters(stored(key))[2] == 300
+    assert len(writes) == 1
+
+
+def test_reconcile_writes_kept_statistics_before_the_outcome_that_would_move_the_row(
+    agent_config: dict[str, Any],
+) -> None:
+    key = str(uuid.uuid4())
+    directory = _finished_with_kept_statistics(agent_config, key)
+    repository = TaskRepository()
+    repository.update(key, {"status": "running", "completed_at": None})
+    row = stored(key)
+    data = metadata(directory)
+    # A batch from before operation ids, decided by its row: it never landed while updated_at is unchanged.
+    batch = {"statistics": {"tokens": 60}, "row_version": row.updated_at.isoformat()}
+    data["unsaved"] = {"in_flight": batch, "outcome": {"status": "completed", "error_message": None}}
+    (directory / "metadata.json").write_text(json.dumps(data), encoding="utf-8")
+    found = find_discrepancies(Path(agent_config["context_storage"]["base_dir"]), repository)
+    outcome = next(item for item in found if item.fix and item.fix.startswith("set the row to"))
+    assert outcome.apply is not None
+    outcome.apply()  # alone, first: it must not leave the batch to a row it moved on
+    after = stored(key)
+    assert (after.status, after.total_tokens) == ("completed", 60)
+    for item in find_discrepancies(Path(agent_config["context_storage"]["base_dir"]), repository):
+        if item.apply is not None:
+            item.apply()
+    assert stored(key).total_tokens == 60
 
 
 # 5. An increment the counters cannot hold is refused at its call; the task finishes

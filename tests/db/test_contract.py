@@ -10,16 +10,18 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, inspect, text
+from sqlalchemy import Engine, event, func, insert, inspect, select, text
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
-from db import DatabaseConfig, DatabaseConnection, DatabaseUnavailableError, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, DatabaseUnavailableError, TaskAlreadyExistsError, TaskRepository
 from db.errors import DatabaseConfigError
+from db.models import OPERATION_RETENTION, TaskOperation, utcnow
+from db.repositories.statements import EXPIRY_BATCH
 from db.schema import upgrade_schema
 from tests.support.agent import LLM, stored
 from tests.support.cli import ROOT
@@ -192,15 +194,69 @@ def test_an_increment_whose_commit_answer_was_lost_is_sent_again_and_counts_once
     connection: DatabaseConnection, repo: TaskRepository
 ) -> None:
     task = repo.create(task_data())
-    # PostgreSQL: one statement (WITH recorded AS (INSERT the operation id) UPDATE ...) that commits on its own.
-    # SQLite: INSERT the operation id, then UPDATE, in one transaction.
-    first = "WITH" if connection.config.backend == "postgresql" else "INSERT"
+    # PostgreSQL: one statement (WITH added AS (UPDATE ... unless the id is recorded) INSERT the id) that commits
+    # on its own. SQLite: the UPDATE, then INSERT the id, in one transaction.
+    first = "WITH" if connection.config.backend == "postgresql" else "UPDATE"
     sent = count_statements(connection, first)
     lose_the_answer(connection, first)
     assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True
-    assert len(sent) == 2 and "task_operations" in sent[0]
+    assert len(sent) == 2 and "task_operations" in sent[0] and sent[0] == sent[1]
     found = repo.get_by_uuid(task.uuid)
     assert found is not None and (found.llm_call_count, found.total_tokens) == (1, 5)
+
+
+def test_a_refused_increment_whose_answer_was_lost_stays_refused_and_leaves_its_id_unused(
+    connection: DatabaseConnection, repo: TaskRepository
+) -> None:
+    first = "WITH" if connection.config.backend == "postgresql" else "UPDATE"
+    missing, operation = str(uuid.uuid4()), str(uuid.uuid4())
+    lose_the_answer(connection, first)
+    assert repo.update_statistics(missing, llm_calls=3, operation_id=operation) is False
+    full = repo.create(task_data())
+    assert repo.update_statistics(full.uuid, tokens=2_147_483_647) is True
+    lose_the_answer(connection, first)
+    with pytest.raises(ValueError, match="past"):
+        repo.update_statistics(full.uuid, tokens=1, operation_id=operation)
+    # The id was never spent: the same call, once its task exists, counts.
+    repo.create(task_data(uuid=missing))
+    assert repo.update_statistics(missing, llm_calls=3, operation_id=operation) is True
+    found = repo.get_by_uuid(missing)
+    assert found is not None and found.llm_call_count == 3
+
+
+def test_a_create_of_a_known_uuid_whose_connection_dropped_is_still_refused(
+    connection: DatabaseConnection, repo: TaskRepository
+) -> None:
+    earlier = repo.create(task_data(status="failed"))
+    drop_before_sending(connection, "INSERT")
+    # The row found after the drop is the earlier task's, not one this call wrote.
+    with pytest.raises(TaskAlreadyExistsError):
+        repo.create(task_data(uuid=earlier.uuid))
+    found = repo.get_by_uuid(earlier.uuid)
+    assert found is not None and found.status == "failed"
+
+
+def test_expired_operation_ids_are_deleted_in_batches_and_recent_ones_kept(
+    connection: DatabaseConnection, repo: TaskRepository
+) -> None:
+    task = repo.create(task_data())
+    old = utcnow() - OPERATION_RETENTION - timedelta(hours=1)
+    recent = utcnow() - OPERATION_RETENTION + timedelta(hours=1)
+    rows = [{"operation_id": str(uuid.uuid4()), "recorded_at": old} for _ in range(EXPIRY_BATCH * 2 + 10)]
+    kept = [{"operation_id": str(uuid.uuid4()), "recorded_at": recent} for _ in range(5)]
+    with connection.engine.begin() as raw:
+        raw.execute(insert(TaskOperation), rows + kept)
+    TaskRepository.next_expiry = 0.0  # this process's first increment expires
+    assert repo.update_statistics(task.uuid, llm_calls=1) is True
+    with connection.engine.connect() as raw:
+        left = {str(value).lower() for value in raw.execute(select(TaskOperation.operation_id)).scalars()}
+    assert {row["operation_id"] for row in kept} <= left and len(left) == len(kept) + 1
+    # Once an hour per process: ids that expire meanwhile wait for the next hour.
+    with connection.engine.begin() as raw:
+        raw.execute(insert(TaskOperation), rows[:3])
+    assert repo.update_statistics(task.uuid, llm_calls=1) is True
+    with connection.engine.connect() as raw:
+        assert raw.execute(select(func.count()).select_from(TaskOperation)).scalar_one() == len(kept) + 2 + 3
 
 
 def test_work_that_sets_values_is_redone_after_a_lost_commit(
@@ -242,7 +298,7 @@ def test_a_delete_that_never_left_is_sent_again(connection: DatabaseConnection, 
 
 def test_an_increment_that_never_left_is_sent_again_once(connection: DatabaseConnection, repo: TaskRepository) -> None:
     task = repo.create(task_data())
-    first = "WITH" if connection.config.backend == "postgresql" else "INSERT"
+    first = "WITH" if connection.config.backend == "postgresql" else "UPDATE"
     sent = count_statements(connection, first)
     drop_before_sending(connection, first)
     assert repo.update_statistics(task.uuid, llm_calls=1, tokens=5) is True

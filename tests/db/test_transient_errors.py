@@ -243,3 +243,27 @@ def test_an_increment_leaves_its_connection_to_transactions_again(server_engine:
         with connection.engine.connect() as conn:
             driver = conn.connection.dbapi_connection
             assert driver is not None and driver.autocommit is False  # type: ignore[attr-defined]
+
+
+def test_after_every_connection_died_one_failure_renews_the_whole_pool(
+    server_engine: Engine, postgres_url: URL
+) -> None:
+    idle = 8
+    connection = empty_tasks_table(
+        url_config(postgres_url, pool=PoolConfig(size=idle, max_overflow=0), retry_timeout=1.5)
+    )
+    repository = TaskRepository(connection)
+    task = repository.create(task_data())
+    held = [connection.engine.raw_connection() for _ in range(idle)]
+    pids = []
+    for pooled in held:
+        with pooled.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute("SELECT pg_backend_pid()")
+            pids.append(cursor.fetchone()[0])
+        pooled.close()
+    with server_engine.connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) AS pid"), {"pids": pids})
+    # A server restart or failover leaves every pooled connection dead: the first that fails renews them all,
+    # instead of each being tried (and waited for) in turn until the retry window runs out.
+    for call in (lambda: repository.get_by_uuid(task.uuid), lambda: repository.update_statistics(task.uuid, tokens=1)):
+        assert call()
