@@ -26,6 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sums_max_age=args.usage_cache,
         trusted_proxies=tuple(args.trusted_proxy),
         stale_after=timedelta(minutes=args.stale_minutes),
+        metrics_top_users=args.metrics_top_users,
     )
     config = DatabaseConfig.load(args.config)
     on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
@@ -72,6 +73,13 @@ def register(tree: CommandTree) -> None:
     )
     server.add_argument(
         "--refresh", type=integer_in(1, 3600), default=15, help="seconds between overview refreshes (default 15)"
+    )
+    server.add_argument(
+        "--metrics-top-users",
+        type=integer_in(1, 1000),
+        default=10,
+        metavar="N",
+        help="users named in /metrics' token figures; the others are summed as (other) (default 10)",
     )
     server.add_argument(
         "--stale-minutes",

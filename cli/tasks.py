@@ -19,6 +19,7 @@ from db import DatabaseError, TaskLiveness, TaskRepository, TaskStatus, TaskUsag
 from db.config import load_base_dir
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.schema import require_current_schema
+from ops.usage_export import usage_csv
 
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
@@ -65,6 +66,9 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
 def cmd_tasks_usage(args: argparse.Namespace) -> int:
     connection = open_read_only_at_head(args)
     query = TaskUsageQuery(connection)
+    if args.csv:
+        sys.stdout.write(usage_csv(query.daily_by_user(days=args.days, zone=args.tz, user=args.user)))
+        return 0
     usages = query.per_user(zone=args.tz, user=args.user)
     daily = query.daily(days=args.days, zone=args.tz, user=args.user) if args.user is not None else []
     if args.json:
@@ -229,7 +233,11 @@ def register(tree: CommandTree) -> None:
     usage.add_argument(
         "--tz", type=zone_name, default="UTC", help="time zone of the calendar days, e.g. Asia/Tokyo (default UTC)"
     )
-    usage.add_argument("--json", action="store_true", help="print JSON")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument(
+        "--csv", action="store_true", help="print CSV, a row per user and day of the last --days days: user,day,tokens"
+    )
     history = tree.command(tasks, "history", cmd_tasks_history, "earlier runs of an issue or merge request")
     history.add_argument("reference", help="OWNER/REPO#NUMBER, PROJECT!IID or gitlab:PROJECT#IID")
     history.add_argument("--days", type=days, default=None, help="only runs completed in the last N days")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from dashboard.readers import DashboardReader, task_record
@@ -13,6 +13,7 @@ from dashboard.wiring import Zone, reader
 from db.models import TaskStatus
 from db.repositories.task_repository import MAX_PAGE
 from db.repositories.task_usage import MAX_DAYS
+from ops.usage_export import usage_csv
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -87,6 +88,7 @@ class UsageHistoryOut(BaseModel):
     days: list[DayOut] = Field(description="Oldest first, today last, days without tokens included.")
 
 
+CSV_COLUMNS = "user,day,tokens: one row per user and calendar day, days without tokens included."
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "A parameter that cannot be used (a malformed UUID, an unknown zone)."},
     404: {"model": ErrorOut, "description": "No such task or user."},
@@ -134,6 +136,22 @@ def usage_summary(
 ) -> dict[str, Any]:
     usage = tasks.usage(zone, top)
     return {"zone": usage.zone, "as_of": usage.as_of, "users": usage.users, "top_users": usage.top_users}
+
+
+@router.get(
+    "/token-usage/export.csv",
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}, "description": CSV_COLUMNS}, **ERRORS},
+    summary="Tokens per user and calendar day, as CSV, for billing",
+)
+def usage_export(
+    tasks: Reader,
+    zone: Zone,
+    days: Annotated[int, Query(ge=1, le=MAX_DAYS, description="Days, today included.")] = 30,
+    user: Annotated[str | None, Query(description="Only this user.", max_length=255)] = None,
+) -> Response:
+    body = usage_csv(tasks.usage_by_day(days, zone, user))
+    headers = {"Content-Disposition": 'attachment; filename="token-usage.csv"'}
+    return Response(body, media_type="text/csv; charset=utf-8", headers=headers)
 
 
 @router.get("/token-usage/{user}", response_model=UserUsageOut, responses=ERRORS, summary="One user's tokens by period")

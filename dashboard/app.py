@@ -15,8 +15,9 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from dashboard import api, pages
+from dashboard import api, metrics, pages
 from dashboard.access import SESSION_COOKIE, Access
+from dashboard.metrics import RequestMetrics
 from dashboard.readers import DEFAULT_DAYS, TOP_USERS, DashboardReader, NotFoundError
 from dashboard.refreshing import RefreshingValues
 from dashboard.source import DatabaseSource
@@ -74,6 +75,7 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
     app.state.access = access
     app.state.settings = chosen
     app.state.sums = sums
+    app.state.request_metrics = request_metrics = RequestMetrics()
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -105,12 +107,15 @@ def create_app(source: DatabaseSource, access: Access, settings: DashboardSettin
         response.headers.update(SECURITY_HEADERS)
         return response
 
+    # Inside the access rule: what is counted is what was answered, refusals included.
+    app.middleware("http")(request_metrics.measure)
     _answer_errors(app)
     _answer_health(app, source)
     if chosen.trusted_proxies:
         # Added last, so it runs first: the access rule and the sign-in see the client and scheme it sets.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(chosen.trusted_proxies))
     app.include_router(api.router)
+    app.include_router(metrics.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=str(files("dashboard") / "static")), name="static")
     return app

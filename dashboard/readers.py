@@ -17,7 +17,7 @@ from db.models.types import canonical_uuid
 from db.redaction import redact_secrets
 from db.repositories.task_liveness import TaskLiveness
 from db.repositories.task_repository import MAX_PAGE, TaskRepository
-from db.repositories.task_usage import TaskUsageQuery, UserUsage, time_zone
+from db.repositories.task_usage import TaskUsageQuery, UserDay, UserUsage, time_zone
 
 TASK_COLUMNS = tuple(column.key for column in Task.__table__.columns)
 RUNNING_SHOWN = 50
@@ -109,6 +109,16 @@ class DashboardReader:
             now=self._clock(),
             stale=self.stale(),
         )
+
+    def usage_by_day(self, days: int, zone: str, user: str | None) -> list[UserDay]:
+        """Tokens per user and calendar day (a scan of the days asked for; computed at each request)."""
+        return self._usage.daily_by_user(days=days, zone=zone, now=self._clock(), user=user)
+
+    def counts(self) -> dict[str, int]:
+        return self._tasks.count_by_status()
+
+    def oldest_running_start(self) -> datetime | None:
+        return self._tasks.oldest_running_start()
 
     def stale(self) -> frozenset[str]:
         """The running tasks with no sign of life for the dashboard's `stale_after`."""

@@ -18,6 +18,7 @@ from db.models import utcnow
 from db.repositories.task_usage import time_zone
 
 MAX_SUMS_AGE = 3600
+MAX_METRICS_USERS = 1000
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class DashboardSettings:
     which sums over the whole table are reused (0: computed at every request). `clock`: "now" (tests fix it).
     `trusted_proxies`: addresses or networks of reverse proxies whose X-Forwarded-Proto and X-Forwarded-For
     are believed (the scheme decides whether the sign-in cookie is Secure; the client, whose attempts count).
-    `stale_after`: a running task with no sign of life for this long is shown as stale."""
+    `stale_after`: a running task with no sign of life for this long is shown as stale. `metrics_top_users`:
+    users named in /metrics' token figures, the rest summed as one."""
 
     zone: str = "UTC"
     refresh_seconds: int = 15
@@ -34,6 +36,7 @@ class DashboardSettings:
     clock: Callable[[], datetime] = field(default=utcnow)
     trusted_proxies: tuple[str, ...] = ()
     stale_after: timedelta = timedelta(minutes=10)
+    metrics_top_users: int = 10
 
     def __post_init__(self) -> None:
         time_zone(self.zone)
@@ -41,6 +44,8 @@ class DashboardSettings:
             ipaddress.ip_network(proxy, strict=False)  # ValueError naming it
         if self.refresh_seconds < 1:
             raise ValueError(f"refresh_seconds must be at least 1, got {self.refresh_seconds}")
+        if not 1 <= self.metrics_top_users <= MAX_METRICS_USERS:
+            raise ValueError(f"metrics_top_users must be 1..{MAX_METRICS_USERS}, got {self.metrics_top_users}")
         if self.stale_after <= timedelta(0):
             raise ValueError(f"stale_after must be positive, got {self.stale_after}")
         if not 0 <= self.sums_max_age <= MAX_SUMS_AGE:

@@ -8,10 +8,14 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+from tenacity import Retrying, retry_if_exception
+
 from db.config import DatabaseConfig
-from db.connection import DatabaseConnection
-from db.errors import DatabaseConfigError
+from db.connection import DatabaseConnection, describe_driver_error, retry_policy
+from db.errors import DatabaseConfigError, DatabaseUnavailableError
 from db.schema import SchemaState, require_current_schema, upgrade_schema
+from db.unit_of_work import is_transient_error
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +57,31 @@ def start_database(
             _check_same_database(DatabaseConfig.load(config, env), connection.config)
         return connection
     connection = DatabaseConnection.initialize(DatabaseConfig.load(config, env), startup_timeout=startup_timeout)
-    prepare_schema(connection, environment)
+    seconds = connection.config.startup_timeout if startup_timeout is None else startup_timeout
+    try:
+        _prepare_while_transient(connection, environment, seconds)
+    except BaseException:
+        # Not started: the next start tries again from the beginning, schema included.
+        DatabaseConnection.reset()
+        raise
     return connection
+
+
+def _prepare_while_transient(connection: DatabaseConnection, environment: str, seconds: float) -> None:
+    """`prepare_schema`, again after a lost connection (a server restarting under agents starting) for up to
+    `seconds`; what still fails is a DatabaseUnavailableError, as a server that never answered is."""
+    try:
+        if seconds > 0:
+            retrying = Retrying(
+                retry=retry_if_exception(is_transient_error), **retry_policy(seconds, 0.05, 2, "prepare the schema")
+            )
+            retrying(prepare_schema, connection, environment)
+        else:
+            prepare_schema(connection, environment)
+    except SQLAlchemyError as exc:
+        if not is_transient_error(exc):
+            raise
+        raise DatabaseUnavailableError(f"the schema could not be prepared: {describe_driver_error(exc)}") from exc
 
 
 def _check_same_database(wanted: DatabaseConfig, current: DatabaseConfig) -> None:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError, TaskAlreadyExistsError
 from db.models import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, OPERATION_RETENTION, Task, TaskStatus, utcnow
-from db.models.types import UTCDateTime, canonical_uuid
+from db.models.types import UTCDateTime, canonical_uuid, parse_stored_datetime
 from db.repositories import statements
 from db.unit_of_work import run_in_transaction, run_single_statement, run_statement
 
@@ -376,6 +376,16 @@ class TaskRepository:
             single_statement=True,
         )
         return self._report(deleted is not False, "delete", key)
+
+    def oldest_running_start(self) -> datetime | None:
+        """When the longest-running task started (its creation if it has no start); None when none runs."""
+        statement = select(func.min(func.coalesce(Task.started_at, Task.created_at))).where(
+            Task.status == TaskStatus.RUNNING.value
+        )
+        found = run_single_statement(
+            self._connection, lambda session: session.execute(statement).scalar_one(), "find the oldest running task"
+        )
+        return None if found is None else parse_stored_datetime(found)
 
     def count_by_status(self) -> dict[str, int]:
         """Number of tasks in each status, every status listed."""

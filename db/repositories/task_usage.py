@@ -87,6 +87,15 @@ class DailyUsage:
     tokens: int
 
 
+@dataclass(frozen=True)
+class UserDay:
+    """One user's tokens on one calendar day (user None: tasks recorded without a user)."""
+
+    user: str | None
+    day: date
+    tokens: int
+
+
 class TaskUsageQuery:
     """Token sums over the tasks table, for the usage dashboard."""
 
@@ -149,6 +158,37 @@ class TaskUsageQuery:
         rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "daily usage")
         sums = {_as_date(day): int(tokens or 0) for day, tokens in rows}
         return [DailyUsage(day, sums.get(day, 0)) for day in calendar]
+
+    def daily_by_user(
+        self, *, days: int = 30, zone: str | tzinfo = "UTC", now: datetime | None = None, user: str | None = None
+    ) -> list[UserDay]:
+        """Tokens per user and calendar day for the last `days` days (today included): every day, zeros
+        included, of every user with a task created in them (or only of `user`), by user then day."""
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+            raise ValueError(f"days must be an integer in 1..{MAX_DAYS}, got {days!r}")
+        tz = time_zone(zone)
+        today = _now(now).astimezone(tz).date()
+        calendar = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+        start, end = day_start(calendar[0], tz), day_start(today + timedelta(days=1), tz)
+        postgresql = self._connection.config.backend == "postgresql"
+        local_day = _local_day(_offset_spans(start, end, tz), postgresql)
+        statement = (
+            select(Task.user, local_day, func.sum(Task.total_tokens))
+            .where(
+                Task.created_at >= literal(start, UTCDateTime()),
+                Task.created_at < literal(end, UTCDateTime()),
+                _user_condition(user),
+            )
+            .group_by(Task.user, local_day)
+        )
+        rows = run_single_statement(
+            self._connection, lambda session: session.execute(statement).all(), "daily usage by user"
+        )
+        sums: dict[str | None, dict[date, int]] = {}
+        for who, day, tokens in rows:
+            sums.setdefault(who, {})[_as_date(day)] = int(tokens or 0)
+        ordered = sorted(sums, key=lambda who: (who is not None, who or ""))
+        return [UserDay(who, day, sums[who].get(day, 0)) for who in ordered for day in calendar]
 
 
 def _offset_spans(start: datetime, end: datetime, zone: tzinfo) -> list[tuple[datetime, int]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
 import logging
 import re
 import resource
@@ -24,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert, update
 from sqlalchemy.exc import DBAPIError
 
@@ -137,6 +140,82 @@ def test_running_tasks_without_a_sign_of_life_are_marked_stale(
     assert ok(client, f"/api/tasks/{silent.uuid}")["stale"] is True
     overview = client.get("/").text
     assert re.findall(r'<tr data-uuid="([^"]+)" class="stale">', overview) == [silent.uuid]
+
+
+def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_agree_with_the_api_and_name_only_the_top_users(
+    reader: DatabaseConnection, make_task: Callable[..., Task]
+) -> None:
+    settings = DashboardSettings(clock=lambda: NOW, metrics_top_users=2)
+    client = TestClient(create_app(DatabaseSource(lambda: reader), Access(), settings), base_url="http://127.0.0.1")
+    for user, tokens, status in (("ann", 500, "completed"), ("bob", 300, "failed"), ("cy", 20, "running"),
+                                 ("dee", 10, "completed"), (None, 5, "stopped")):
+        make_task(user=user, total_tokens=tokens, status=status, created_at=NOW - timedelta(days=1),
+                  started_at=NOW - timedelta(hours=3) if status == "running" else None)
+    assert client.get("/api/tasks").status_code == 200  # a request of its own, counted below
+    found = scrape(client)
+    listed = ok(client, "/api/tasks", params={"limit": 1000})["tasks"]
+    for status in ("running", "completed", "failed", "stopped"):
+        expected = sum(task["status"] == status for task in listed)
+        assert found[("agent_tasks", (("status", status),))] == expected
+    usage = {user["user"]: user["total"] for user in ok(client, "/api/token-usage/summary")["users"]}
+    tokens = {labels[0][1]: value for (name, labels), value in found.items() if name == "agent_tokens_total"}
+    assert tokens == {"ann": usage["ann"], "bob": usage["bob"], "(other)": usage["cy"] + usage["dee"] + usage[None]}
+    assert found[("agent_database_up", ())] == 1
+    assert found[("agent_task_oldest_running_seconds", ())] == 3 * 3600
+    assert found[("agent_tasks_stale", ())] == sum(task["stale"] for task in listed)
+    assert found[("dashboard_requests_total", (("method", "GET"), ("route", "/api/tasks"), ("status", "200")))] >= 1
+    assert found[("dashboard_request_seconds_count", (("route", "/api/tasks"),))] >= 1
+    # Off loopback, the same rule as the API: no token, no figures.
+    guarded = TestClient(
+        create_app(DatabaseSource(lambda: reader), Access(token="a-token-of-sixteen+"), settings),
+        base_url="http://127.0.0.1",
+    )
+    assert guarded.get("/metrics").status_code == 401
+    assert guarded.get("/metrics", headers={"Authorization": "Bearer a-token-of-sixteen+"}).status_code == 200
+
+
+def test_metrics_report_a_database_that_cannot_be_read_as_down(tmp_path: Path) -> None:
+    def unreadable() -> DatabaseConnection:
+        raise DatabaseError("no database here")
+
+    client = TestClient(create_app(DatabaseSource(unreadable), Access()), base_url="http://127.0.0.1")
+    found = scrape(client)
+    assert found[("agent_database_up", ())] == 0
+    assert not any(name == "agent_tasks" for name, _ in found)
+
+
+def test_usage_exports_as_csv_a_row_per_user_and_day_with_formulas_kept_as_text(
+    client: TestClient, make_task: Callable[..., Task]
+) -> None:
+    for user, tokens, ago in (("ann", 100, 0), ("ann", 40, 1), ("=cmd|' /C calc'!A0", 7, 1), (None, 5, 2)):
+        make_task(user=user, total_tokens=tokens, created_at=NOW - timedelta(days=ago, minutes=1))
+    response = client.get("/api/token-usage/export.csv", params={"days": 3, "tz": "UTC"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    assert "attachment" in response.headers["content-disposition"]
+    rows = list(csv.reader(io.StringIO(response.text)))
+    days = [(NOW - timedelta(days=ago)).date().isoformat() for ago in (2, 1, 0)]
+    assert rows == [
+        ["user", "day", "tokens"],
+        *([["", day, str(tokens)] for day, tokens in zip(days, (5, 0, 0), strict=True)]),
+        *([["'=cmd|' /C calc'!A0", day, str(tokens)] for day, tokens in zip(days, (0, 7, 0), strict=True)]),
+        *([["ann", day, str(tokens)] for day, tokens in zip(days, (0, 40, 100), strict=True)]),
+    ]
+    history = ok(client, "/api/token-usage/ann/history", params={"days": 3})["days"]
+    assert [day["tokens"] for day in history] == [0, 40, 100]
+    only = list(csv.reader(io.StringIO(client.get("/api/token-usage/export.csv?days=3&user=ann").text)))
+    assert only[1:] == rows[-3:]
+    for bad in ("days=0", "days=100000", "tz=Nowhere/City", f"user={'x' * 256}"):
+        assert client.get(f"/api/token-usage/export.csv?{bad}").status_code in (400, 422), bad
 
 
 def test_one_task_shows_every_column_and_only_its_earlier_runs(
@@ -495,6 +574,7 @@ def test_the_api_page_lists_every_endpoint(client: TestClient) -> None:
         "/api/tasks",
         "/api/tasks/{uuid}",
         "/api/tasks/{uuid}/history",
+        "/api/token-usage/export.csv",
         "/api/token-usage/summary",
         "/api/token-usage/{user}",
         "/api/token-usage/{user}/history",

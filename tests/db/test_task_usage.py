@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import sqlite3
@@ -262,6 +264,13 @@ def test_cli_usage_and_history(tmp_path: Path) -> None:
     assert len(alice["daily"]) == 3 and sum(day["tokens"] for day in alice["daily"]) == 1500
     chart = run(tmp_path, "tasks", "usage", "--user", "alice", "--days", "3").stdout
     assert "alice: tokens per day, last 3 days" in chart and "█" in chart
+    exported = list(csv.reader(io.StringIO(run(tmp_path, "tasks", "usage", "--csv", "--days", "3").stdout)))
+    assert exported[0] == ["user", "day", "tokens"]
+    by_user: dict[str, int] = {}
+    for user, _day, tokens in exported[1:]:
+        by_user[user] = by_user.get(user, 0) + int(tokens)
+    assert by_user == {"alice": 1500, "bob": 50} and len(exported) == 1 + 2 * 3
+    assert [day["tokens"] for day in alice["daily"]] == [int(row[2]) for row in exported[1:4]]
 
     history = json.loads(run(tmp_path, "tasks", "history", "acme/web#42", "--json").stdout)
     assert [row["uuid"] for row in history] == [second, first]
