@@ -60,6 +60,9 @@ def retry_policy(seconds: float, first_wait: float, max_wait: float, what: str) 
     return {"stop": stop_after_delay(seconds), "wait": wait, "before_sleep": before_sleep, "reraise": True}
 
 
+READ_ONLY_SQLSTATE = "25006"
+
+
 def build_engine(config: DatabaseConfig, *, read_only: bool = False) -> Engine:
     """Create the engine for `config`, with the pool and per-connection settings its backend needs.
 
@@ -88,7 +91,7 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
                 connect_args["options"] = " ".join(bounds)
         # No pre-ping: a connection the server dropped is retried once by the repository instead, which
         # costs nothing on the common path.
-        return create_engine(
+        engine = create_engine(
             url,
             echo=config.echo,
             pool_size=config.pool.size,
@@ -97,6 +100,9 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
             pool_recycle=config.pool.recycle,
             connect_args=connect_args,
         )
+        if not read_only:
+            _drop_connections_to_read_only_servers(engine)
+        return engine
     if config.is_sqlite_memory:
         # One shared connection, or every thread would see its own empty database.
         engine = create_engine(url, echo=config.echo, poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -146,6 +152,23 @@ def _ours(cursor: sqlite3.Cursor) -> bool:
         row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE name IN ('tasks', 'alembic_version')")
     }
     return "tasks" not in tables or "alembic_version" in tables
+
+
+def _drop_connections_to_read_only_servers(engine: Engine) -> None:
+    """A writer's connection that finds itself on a server that cannot write (SQLSTATE 25006: a demoted
+    primary, a standby after a failover) is treated as lost: dropped with its pool's generation, so that the
+    retry connects again, and libpq's target_session_attrs=read-write finds the writable host."""
+
+    @event.listens_for(engine, "handle_error")
+    def on_read_only_server(context: Any) -> None:
+        if is_read_only_server(context.original_exception):
+            context.is_disconnect = True
+
+
+def is_read_only_server(error: BaseException) -> bool:
+    """True for PostgreSQL's 'cannot execute ... in a read-only transaction' (SQLSTATE 25006)."""
+    original = getattr(error, "orig", None) or error
+    return getattr(original, "pgcode", None) == READ_ONLY_SQLSTATE
 
 
 def _configure_sqlite(engine: Engine, *, journal: bool, read_only: bool) -> None:

@@ -17,7 +17,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlch
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception
 
-from db.connection import DatabaseConnection, describe_driver_error, retry_policy, use_driver_autocommit
+from db.connection import (
+    DatabaseConnection,
+    describe_driver_error,
+    is_read_only_server,
+    retry_policy,
+    use_driver_autocommit,
+)
 from db.errors import DatabaseError
 from db.slow_query_log import log_if_slow
 
@@ -226,7 +232,7 @@ def run_statement(
             log_if_slow(sql, started, threshold_ms)
             return rows
         except driver_error_class as driver_error:
-            lost = engine.dialect.is_disconnect(driver_error, driver, None)
+            lost = engine.dialect.is_disconnect(driver_error, driver, None) or is_read_only_server(driver_error)
             if lost:
                 # As SQLAlchemy's own path does: every connection of the pool older than this one is dropped at
                 # its next checkout (after a server restart they are all dead), and this one now.

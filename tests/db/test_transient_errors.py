@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,41 @@ def test_after_every_connection_died_one_failure_renews_the_whole_pool(
     # instead of each being tried (and waited for) in turn until the retry window runs out.
     for call in (lambda: repository.get_by_uuid(task.uuid), lambda: repository.update_statistics(task.uuid, tokens=1)):
         assert call()
+
+
+def test_a_writer_that_lands_on_a_server_that_cannot_write_reconnects_until_one_can(
+    server_engine: Engine, postgres_url: URL
+) -> None:
+    # A demoted primary, as a pooled connection finds it: every new session is read-only (SQLSTATE 25006 on a
+    # write) until the database can write again (as when libpq's next connection reaches the new primary).
+    connection = empty_tasks_table(url_config(postgres_url, retry_timeout=20))
+    repository = TaskRepository(connection)
+    task = repository.create(task_data())
+    database = postgres_url.database
+
+    def read_only(on: bool) -> None:
+        change = "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+        with server_engine.connect() as admin:
+            admin.exec_driver_sql(f'ALTER DATABASE "{database}" {change}')
+            if on:  # sessions already open keep their setting: end them
+                admin.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": database},
+                )
+
+    for write in (
+        lambda: repository.update_statistics(task.uuid, tokens=5),  # on a pooled driver connection
+        lambda: repository.update(task.uuid, {"model": "m"}),  # through a session
+    ):
+        read_only(True)
+        timer = threading.Timer(1.5, read_only, args=(False,))
+        timer.start()
+        try:
+            assert write()
+        finally:
+            timer.join()
+    found = repository.get_by_uuid(task.uuid)
+    assert found is not None and (found.total_tokens, found.model) == (5, "m")
