@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from cli.arguments import days, positive_limit, stale_minutes, zone_name
 from cli.connect import open_read_only, open_read_only_at_head, open_read_write
-from cli.output import EXIT_ERROR, print_bars, print_table, printable, shown
+from cli.output import EXIT_ERROR, EXIT_USAGE, print_bars, print_table, printable, shown
 from cli.tree import CommandTree
 from context_storage.metadata_file import DamagedMetadataError
 from context_storage.reconcile import find_discrepancies
@@ -157,6 +157,9 @@ def cmd_tasks_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks_stale(args: argparse.Namespace) -> int:
+    if args.yes and not args.fail:
+        print("error: --yes confirms --fail: add --fail to mark the tasks listed failed", file=sys.stderr)
+        return EXIT_USAGE
     # Listing only reads: a read-only connection. Failing them needs --fail and --yes.
     fail = args.fail and args.yes
     connection = open_read_write(args) if fail else open_read_only(args)

@@ -105,13 +105,14 @@ def list_tasks(
     after: Annotated[str | None, Query(description="`next_after` of the previous page.", max_length=64)] = None,
 ) -> dict[str, Any]:
     page = tasks.page(status=status, user=user, after=after, limit=limit)
-    stale = tasks.stale()
+    stale = tasks.stale(page.tasks)
     return {"tasks": [task_record(task, stale) for task in page.tasks], "next_after": page.next_after}
 
 
 @router.get("/tasks/{uuid}", response_model=TaskOut, responses=ERRORS, summary="One task, every column")
 def get_task(tasks: Reader, uuid: TaskId) -> dict[str, Any]:
-    return task_record(tasks.task(uuid), tasks.stale())
+    task = tasks.task(uuid)
+    return task_record(task, tasks.stale([task]))
 
 
 @router.get(
@@ -119,8 +120,9 @@ def get_task(tasks: Reader, uuid: TaskId) -> dict[str, Any]:
 )
 def task_history(tasks: Reader, uuid: TaskId) -> dict[str, Any]:
     task = tasks.task(uuid)
-    stale = tasks.stale()
-    return {"task": task.uuid, "earlier_runs": [task_record(run, stale) for run in tasks.earlier_runs(task)]}
+    runs = tasks.earlier_runs(task)
+    stale = tasks.stale(runs)
+    return {"task": task.uuid, "earlier_runs": [task_record(run, stale) for run in runs]}
 
 
 @router.get(

@@ -41,11 +41,15 @@ def task_figures(tasks: DashboardReader, zone: str, top_users: int, now: datetim
     users = tasks.usage(zone, 0).users
     named = ((usage["user"] if usage["user"] is not None else NO_USER, usage["total"]) for usage in users)
     by_user = sorted(named, key=lambda pair: (-pair[1], pair[0]))
-    tokens = dict(by_user[:top_users])
-    tokens[OTHER_USERS] = sum(total for _, total in by_user[top_users:])
+    # Added, never set: a real user named like a bucket ("(other)", "(none)") shares it, and no token is lost.
+    tokens: dict[str, int] = {}
+    for position, (user, total) in enumerate(by_user):
+        label = user if position < top_users else OTHER_USERS
+        tokens[label] = tokens.get(label, 0) + total
+    tokens.setdefault(OTHER_USERS, 0)
     return TaskFigures(
         counts=tasks.counts(),
-        stale=len(tasks.stale()),
+        stale=tasks.count_stale(),
         oldest_running_seconds=max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
         tokens_by_user=tokens,
     )
@@ -102,9 +106,10 @@ class RequestMetrics:
 
     async def measure(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
+        method = request.method  # as asked: HEAD is answered as GET further in
         response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", UNMATCHED_ROUTE)
-        self.requests.labels(route, request.method, str(response.status_code)).inc()
+        self.requests.labels(route, method, str(response.status_code)).inc()
         self.latency.labels(route).observe(time.perf_counter() - started)
         return response
 
@@ -112,10 +117,13 @@ class RequestMetrics:
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
     chosen = settings(request)
+    figures: TaskFigures | None = None
     try:
-        figures: TaskFigures | None = task_figures(
-            reader(request), chosen.zone, chosen.metrics_top_users, chosen.clock()
-        )
+        tasks = reader(request)
+        # One quick look first: a database that is down is reported at once, within any scrape timeout,
+        # instead of after the retries of each figure.
+        if tasks.reachable():
+            figures = task_figures(tasks, chosen.zone, chosen.metrics_top_users, chosen.clock())
     except (DatabaseError, SQLAlchemyError):  # reported as a database down, not as a failed scrape
         figures = None
     snapshot = CollectorRegistry()

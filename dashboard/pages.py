@@ -142,7 +142,7 @@ def task_page(request: Request, tasks: Reader, uuid: str) -> HTMLResponse:
         "task.html",
         section="tasks",
         task=task,
-        record=task_record(task, tasks.stale()),
+        record=task_record(task, tasks.stale([task])),
         earlier=tasks.earlier_runs(task),
         numbers=(*COUNTER_COLUMNS, "context_length"),
     )

@@ -102,17 +102,22 @@ class DashboardReader:
         self._stale_after = stale_after
 
     def overview(self) -> Overview:
+        running = self._tasks.list_tasks(status=TaskStatus.RUNNING.value, limit=RUNNING_SHOWN)
         return Overview(
             counts=self._tasks.count_by_status(),
-            running=self._tasks.list_tasks(status=TaskStatus.RUNNING.value, limit=RUNNING_SHOWN),
+            running=running,
             failures=self._tasks.list_tasks(status=TaskStatus.FAILED.value, limit=FAILURES_SHOWN),
             now=self._clock(),
-            stale=self.stale(),
+            stale=self.stale(running),
         )
 
     def usage_by_day(self, days: int, zone: str, user: str | None) -> list[UserDay]:
         """Tokens per user and calendar day (a scan of the days asked for; computed at each request)."""
         return self._usage.daily_by_user(days=days, zone=zone, now=self._clock(), user=user)
+
+    def reachable(self) -> bool:
+        """Whether the database answers now (one attempt)."""
+        return self._tasks.ping()
 
     def counts(self) -> dict[str, int]:
         return self._tasks.count_by_status()
@@ -120,10 +125,16 @@ class DashboardReader:
     def oldest_running_start(self) -> datetime | None:
         return self._tasks.oldest_running_start()
 
-    def stale(self) -> frozenset[str]:
-        """The running tasks with no sign of life for the dashboard's `stale_after`."""
-        found = self._liveness.stale(self._stale_after, now=self._clock())
+    def stale(self, tasks: list[Task]) -> frozenset[str]:
+        """Those of `tasks` that run with no sign of life for the dashboard's `stale_after`."""
+        running = [task.uuid for task in tasks if task.status == TaskStatus.RUNNING.value]
+        if not running:
+            return frozenset()
+        found = self._liveness.stale(self._stale_after, now=self._clock(), among=running)
         return frozenset(item.task.uuid for item in found)
+
+    def count_stale(self) -> int:
+        return self._liveness.count_stale(self._stale_after, now=self._clock())
 
     def page(self, *, status: str | None, user: str | None, after: str | None, limit: int) -> TaskPage:
         """One page of the listing, newest first; `next_after` continues it, None on the last page."""

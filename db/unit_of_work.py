@@ -120,6 +120,15 @@ def run_in_transaction(
     return _with_retries(connection, once, description)
 
 
+def run_once(connection: DatabaseConnection, work: Callable[[Session], T], description: str) -> T:
+    """`work(session)` in one transaction, tried once (no retry, no retry log): for work that is sent again
+    anyway, on a schedule. A failure is raised as `DatabaseError`."""
+    try:
+        return _run_once(connection, work, True, None)
+    except _FailedBeforeCommitError as failure:
+        _raise_failure(failure, description)
+
+
 def run_single_statement(connection: DatabaseConnection, work: Callable[[Session], T], description: str) -> T:
     """Work that is one statement and safe to redo (a read, or setting values): one round trip on PostgreSQL."""
     return run_in_transaction(connection, work, description, redo_safe=True, single_statement=True)

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import ColumnElement, Table, and_, case, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.connection import DatabaseConnection
 from db.models import NO_SIGN_OF_LIFE, Task, TaskHeartbeat, TaskStatus, utcnow
-from db.models.types import canonical_uuid, parse_stored_datetime
-from db.unit_of_work import run_in_transaction, run_single_statement
+from db.models.types import UTCDateTime, canonical_uuid, parse_stored_datetime
+from db.unit_of_work import run_in_transaction, run_once, run_single_statement
 
 logger = logging.getLogger(__name__)
 
 HEARTBEATS: Table = TaskHeartbeat.__table__  # type: ignore[assignment]
 TASKS: Table = Task.__table__  # type: ignore[assignment]
-# A task's last sign of life: its last beat, or for a task that never beat (an agent older than heartbeats)
-# the last write to its row.
-LAST_SIGN = func.coalesce(HEARTBEATS.c.beat_at, TASKS.c.updated_at)
+# A task's last sign of life: its last beat or the last write to its row, whichever is later (a resumed task's
+# beat may be days old; a task that never beat is judged by its row).
+LAST_SIGN = case(
+    (and_(HEARTBEATS.c.beat_at.is_not(None), HEARTBEATS.c.beat_at > TASKS.c.updated_at), HEARTBEATS.c.beat_at),
+    else_=TASKS.c.updated_at,
+)
 MAX_LISTED = 1000
 
 
@@ -58,18 +62,24 @@ class TaskLiveness:
             session.execute(upsert)
             return str(found[0]), found[1]
 
-        return run_in_transaction(self._connection, work, "heartbeat", redo_safe=True)
+        # One attempt: a beat is sent again by the next one, and a retry's log lines every minute of an outage
+        # would say nothing the first did not.
+        return run_once(self._connection, work, "heartbeat")
 
-    def stale(self, older_than: timedelta, *, now: datetime | None = None) -> list[StaleTask]:
-        """Running tasks with no sign of life for `older_than`, the longest silent first (at most 1000)."""
-        cutoff = (now or utcnow()) - older_than
+    def stale(
+        self, older_than: timedelta, *, now: datetime | None = None, among: Sequence[str] | None = None
+    ) -> list[StaleTask]:
+        """Running tasks with no sign of life for `older_than`, the longest silent first: at most 1000, or those
+        of the tasks named in `among`."""
         statement = (
             select(Task, HEARTBEATS.c.hostname, LAST_SIGN)
             .outerjoin(HEARTBEATS, HEARTBEATS.c.task_uuid == Task.uuid)
-            .where(Task.status == TaskStatus.RUNNING.value, cutoff > LAST_SIGN)
+            .where(self._silent(older_than, now))
             .order_by(LAST_SIGN, Task.uuid)
             .limit(MAX_LISTED)
         )
+        if among is not None:
+            statement = statement.where(Task.uuid.in_([canonical_uuid(key) for key in among]))
 
         def work(session: Session) -> list[StaleTask]:
             return [
@@ -78,6 +88,24 @@ class TaskLiveness:
             ]
 
         return run_single_statement(self._connection, work, "find stale tasks")
+
+    def count_stale(self, older_than: timedelta, *, now: datetime | None = None) -> int:
+        """How many running tasks have had no sign of life for `older_than`."""
+        statement = (
+            select(func.count())
+            .select_from(TASKS)
+            .outerjoin(HEARTBEATS, HEARTBEATS.c.task_uuid == TASKS.c.uuid)
+            .where(self._silent(older_than, now))
+        )
+        counted = run_single_statement(
+            self._connection, lambda session: session.execute(statement).scalar_one(), "count stale tasks"
+        )
+        return int(counted)
+
+    @staticmethod
+    def _silent(older_than: timedelta, now: datetime | None) -> ColumnElement[bool]:
+        cutoff = literal((now or utcnow()) - older_than, UTCDateTime())
+        return and_(TASKS.c.status == TaskStatus.RUNNING.value, cutoff > LAST_SIGN)
 
     def fail_stale(self, uuid: str, older_than: timedelta, *, now: datetime | None = None) -> bool:
         """Mark the task failed if it still runs with no sign of life for `older_than`, with a message naming
@@ -94,7 +122,7 @@ class TaskLiveness:
             task = session.get(Task, key)
             if task is None or task.status != TaskStatus.RUNNING.value:
                 return False
-            last_sign = _aware(beat[0]) if beat is not None else task.updated_at
+            last_sign = max(_aware(beat[0]), task.updated_at) if beat is not None else task.updated_at
             if last_sign >= moment - older_than:
                 return False
             host = (beat[1] if beat is not None else None) or task.hostname or "an unknown host"

@@ -162,8 +162,8 @@ class TaskUsageQuery:
     def daily_by_user(
         self, *, days: int = 30, zone: str | tzinfo = "UTC", now: datetime | None = None, user: str | None = None
     ) -> list[UserDay]:
-        """Tokens per user and calendar day for the last `days` days (today included): every day, zeros
-        included, of every user with a task created in them (or only of `user`), by user then day."""
+        """Tokens per user and calendar day for the last `days` days (today included), by user then day; only
+        the days on which a user has tokens (so the answer grows with the tasks, not with users times days)."""
         if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
             raise ValueError(f"days must be an integer in 1..{MAX_DAYS}, got {days!r}")
         tz = time_zone(zone)
@@ -184,11 +184,8 @@ class TaskUsageQuery:
         rows = run_single_statement(
             self._connection, lambda session: session.execute(statement).all(), "daily usage by user"
         )
-        sums: dict[str | None, dict[date, int]] = {}
-        for who, day, tokens in rows:
-            sums.setdefault(who, {})[_as_date(day)] = int(tokens or 0)
-        ordered = sorted(sums, key=lambda who: (who is not None, who or ""))
-        return [UserDay(who, day, sums[who].get(day, 0)) for who in ordered for day in calendar]
+        found = [UserDay(who, _as_date(day), int(tokens or 0)) for who, day, tokens in rows if tokens]
+        return sorted(found, key=lambda entry: (entry.user is not None, entry.user or "", entry.day))
 
 
 def _offset_spans(start: datetime, end: datetime, zone: tzinfo) -> list[tuple[datetime, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -80,3 +81,23 @@ def test_failing_a_stale_task_names_its_host_and_last_sign_and_spares_one_that_b
     # A finish written meanwhile stands: nothing to revive.
     repo.complete(dead.uuid)
     assert liveness.revive(dead.uuid, failed.error_message) is False
+
+
+def test_a_resumed_task_whose_last_beat_is_old_is_judged_by_its_newer_row(
+    connection: DatabaseConnection, repo: TaskRepository, make_task: Callable[..., Task]
+) -> None:
+    liveness = TaskLiveness(connection)
+    task = make_task()
+    liveness.beat(task.uuid, "host", 1)
+    with connection.engine.begin() as raw:
+        raw.execute(
+            update(TaskHeartbeat)
+            .where(TaskHeartbeat.task_uuid == task.uuid)
+            .values(beat_at=utcnow() - timedelta(days=2))
+        )
+    repo.update(task.uuid, {"status": "running"})  # resumed now: its row moved on
+    assert liveness.stale(SILENT) == [] and liveness.count_stale(SILENT) == 0
+    assert liveness.fail_stale(task.uuid, SILENT) is False
+    assert [item.task.uuid for item in liveness.stale(SILENT, now=utcnow() + timedelta(hours=1))] == [task.uuid]
+    assert liveness.count_stale(SILENT, now=utcnow() + timedelta(hours=1)) == 1
+    assert liveness.stale(SILENT, now=utcnow() + timedelta(hours=1), among=[str(uuid.uuid4())]) == []
