@@ -17,7 +17,7 @@ from tests.support.workers import agent_life_cycles
 from tools.pgbouncer import PgBouncer, PgBouncerUnavailableError
 from tools.postgres_server import PostgresUnavailableError, ThrowawayCluster, find_bindir
 
-PROCESSES, TASKS, ROUNDS = 64, 2, 15
+PROCESSES, TASKS, ROUNDS = 32, 2, 15
 SERVER_CONNECTIONS = 10
 
 
@@ -58,7 +58,7 @@ def bouncer() -> Iterator[tuple[ThrowawayCluster, PgBouncer]]:
         cluster.stop()
 
 
-def test_sixty_four_agents_through_pgbouncer_restarted_under_load(
+def test_thirty_two_agents_through_pgbouncer_and_its_server_restarted_under_load(
     bouncer: tuple[ThrowawayCluster, PgBouncer], tmp_path: Path
 ) -> None:
     cluster, pgbouncer = bouncer
