@@ -40,11 +40,11 @@ def test_restarts_under_load_reach_no_caller_and_count_every_call_once(
     processes = [context.Process(target=hammer, args=(url, RETRY_TIMEOUT, str(stop), str(out))) for out in outputs]
     for process in processes:
         process.start()
-    time.sleep(3.5)
+    time.sleep(2.5)
     for mode in ("fast", "immediate", "fast", "immediate"):
         cluster.restart(mode)
-        time.sleep(2.0)
-    restarted = time.time() - 2.0
+        time.sleep(1.5)
+    restarted = time.time() - 1.5
     time.sleep(1.0)  # the workers must show they recovered
     stop.touch()
     for process in processes:
