@@ -70,14 +70,12 @@ def start_database(
 def _prepare_while_transient(connection: DatabaseConnection, environment: str, seconds: float) -> None:
     """`prepare_schema`, again after a lost connection (a server restarting under agents starting) for up to
     `seconds`; what still fails is a DatabaseUnavailableError, as a server that never answered is."""
+    # With `seconds` 0 the policy stops after the first attempt.
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient_error), **retry_policy(seconds, 0.05, 2, "prepare the schema")
+    )
     try:
-        if seconds > 0:
-            retrying = Retrying(
-                retry=retry_if_exception(is_transient_error), **retry_policy(seconds, 0.05, 2, "prepare the schema")
-            )
-            retrying(prepare_schema, connection, environment)
-        else:
-            prepare_schema(connection, environment)
+        retrying(prepare_schema, connection, environment)
     except SQLAlchemyError as exc:
         if not is_transient_error(exc):
             raise

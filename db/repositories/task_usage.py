@@ -138,24 +138,7 @@ class TaskUsageQuery:
         self, *, days: int = 30, zone: str | tzinfo = "UTC", now: datetime | None = None, user: str | None = None
     ) -> list[DailyUsage]:
         """Tokens per calendar day for the last `days` days (today included), oldest first, zeros included."""
-        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
-            raise ValueError(f"days must be an integer in 1..{MAX_DAYS}, got {days!r}")
-        tz = time_zone(zone)
-        today = _now(now).astimezone(tz).date()
-        calendar = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
-        start, end = day_start(calendar[0], tz), day_start(today + timedelta(days=1), tz)
-        postgresql = self._connection.config.backend == "postgresql"
-        local_day = _local_day(_offset_spans(start, end, tz), postgresql)
-        statement = (
-            select(local_day, func.sum(Task.total_tokens))
-            .where(
-                Task.created_at >= literal(start, UTCDateTime()),
-                Task.created_at < literal(end, UTCDateTime()),
-                _user_condition(user),
-            )
-            .group_by(local_day)
-        )
-        rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "daily usage")
+        calendar, rows = self._by_local_day(days, zone, now, user, by_user=False)
         sums = {_as_date(day): int(tokens or 0) for day, tokens in rows}
         return [DailyUsage(day, sums.get(day, 0)) for day in calendar]
 
@@ -164,6 +147,15 @@ class TaskUsageQuery:
     ) -> list[UserDay]:
         """Tokens per user and calendar day for the last `days` days (today included), by user then day; only
         the days on which a user has tokens (so the answer grows with the tasks, not with users times days)."""
+        _, rows = self._by_local_day(days, zone, now, user, by_user=True)
+        found = [UserDay(who, _as_date(day), int(tokens or 0)) for who, day, tokens in rows if tokens]
+        return sorted(found, key=lambda entry: (entry.user is not None, entry.user or "", entry.day))
+
+    def _by_local_day(
+        self, days: int, zone: str | tzinfo, now: datetime | None, user: str | None, *, by_user: bool
+    ) -> tuple[list[date], list[Any]]:
+        """The last `days` calendar days in `zone`, oldest first, and the token sums of the tasks created in
+        them grouped by local day (and by user first, with `by_user`), as the database computes them."""
         if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
             raise ValueError(f"days must be an integer in 1..{MAX_DAYS}, got {days!r}")
         tz = time_zone(zone)
@@ -172,21 +164,18 @@ class TaskUsageQuery:
         start, end = day_start(calendar[0], tz), day_start(today + timedelta(days=1), tz)
         postgresql = self._connection.config.backend == "postgresql"
         local_day = _local_day(_offset_spans(start, end, tz), postgresql)
+        groups: list[Any] = [Task.user, local_day] if by_user else [local_day]
         statement = (
-            select(Task.user, local_day, func.sum(Task.total_tokens))
+            select(*groups, func.sum(Task.total_tokens))
             .where(
                 Task.created_at >= literal(start, UTCDateTime()),
                 Task.created_at < literal(end, UTCDateTime()),
                 _user_condition(user),
             )
-            .group_by(Task.user, local_day)
+            .group_by(*groups)
         )
-        rows = run_single_statement(
-            self._connection, lambda session: session.execute(statement).all(), "daily usage by user"
-        )
-        found = [UserDay(who, _as_date(day), int(tokens or 0)) for who, day, tokens in rows if tokens]
-        return sorted(found, key=lambda entry: (entry.user is not None, entry.user or "", entry.day))
-
+        rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "daily usage")
+        return calendar, list(rows)
 
 def _offset_spans(start: datetime, end: datetime, zone: tzinfo) -> list[tuple[datetime, int]]:
     """[(from, UTC offset in seconds)] over [start, end): the zone's offset changes only at the instants
