@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,14 +41,21 @@ def last_beat(key: str) -> tuple[Any, ...] | None:
     return None if row is None else tuple(row)
 
 
+def wait_for(value: Callable[[], Any], seconds: float = 20.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (found := value()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def test_a_waiting_agent_still_beats_and_a_finished_one_stops(agent_config: dict[str, Any]) -> None:
     manager = TaskContextManager(KEY, str(uuid.uuid4()), with_heartbeat(agent_config, 0.1))
-    time.sleep(0.5)  # the agent waits on a long LLM call: no write of its own
-    first = last_beat(manager.uuid)
+    # The agent waits on a long LLM call, writing nothing of its own: the beats come all the same (waited for
+    # up to a bound, so that a loaded machine only makes the test slower).
+    first = wait_for(lambda: last_beat(manager.uuid))
     assert first is not None and first[1:] == (socket.gethostname(), os.getpid())
-    time.sleep(0.3)
-    second = last_beat(manager.uuid)
-    assert second is not None and second[0] != first[0]
+    second = wait_for(lambda: (beat := last_beat(manager.uuid)) is not None and beat[0] != first[0] and beat)
+    assert second
     manager.complete()
     time.sleep(0.3)
     stopped = last_beat(manager.uuid)

@@ -45,7 +45,7 @@ def test_restarts_under_load_reach_no_caller_and_count_every_call_once(
         cluster.restart(mode)
         time.sleep(1.5)
     restarted = time.time() - 1.5
-    time.sleep(1.0)  # the workers must show they recovered
+    time.sleep(2.0)  # the workers must show they recovered
     stop.touch()
     for process in processes:
         process.join(timeout=120)
