@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import Callable
 
 from db.repositories.task_repository import MAX_PAGE
+from db.repositories.task_retention import MAX_BATCH
 from db.repositories.task_usage import MAX_DAYS, time_zone
 
 
@@ -24,6 +25,7 @@ def integer_in(low: int, high: int) -> Callable[[str], int]:
 
 days = integer_in(1, MAX_DAYS)
 stale_minutes = integer_in(1, 525_600)
+batch_size = integer_in(1, MAX_BATCH)
 
 
 positive_limit = integer_in(1, MAX_PAGE)

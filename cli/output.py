@@ -16,6 +16,8 @@ EXIT_USAGE = 2
 
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+# Stopped by Ctrl-C, as a shell reports it.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def printable(text: str) -> str:

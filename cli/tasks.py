@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from cli.arguments import days, positive_limit, stale_minutes, zone_name
+from tqdm import tqdm
+
+from cli.arguments import batch_size, days, positive_limit, stale_minutes, zone_name
 from cli.connect import open_read_only, open_read_only_at_head, open_read_write
-from cli.output import EXIT_ERROR, EXIT_USAGE, print_bars, print_table, printable, shown
+from cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, print_bars, print_table, printable, shown
 from cli.tree import CommandTree
 from context_storage.metadata_file import DamagedMetadataError
 from context_storage.reconcile import find_discrepancies
 from context_storage.task_lock import TaskAlreadyRunningError
-from db import DatabaseError, TaskLiveness, TaskRepository, TaskStatus, TaskUsageQuery
-from db.config import load_base_dir
+from db import DatabaseError, TaskLiveness, TaskRepository, TaskRetention, TaskStatus, TaskUsageQuery
+from db.config import load_base_dir, load_inheritance_days
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.schema import require_current_schema
+from ops.prune import PrunePlan, plan_prune, prune
 from ops.usage_export import usage_csv
 
 
@@ -193,6 +198,89 @@ def cmd_tasks_stale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks_prune(args: argparse.Namespace) -> int:
+    inheritance = load_inheritance_days(args.config)
+    if args.older_than < inheritance and not args.ignore_inheritance:
+        print(
+            f"error: --older-than {args.older_than} is shorter than context_inheritance.context_expiry_days "
+            f"({inheritance:g}): new runs may still inherit from the runs it would remove; add "
+            "--ignore-inheritance to remove them all the same",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    # A dry run only reads: a read-only connection, no lock taken, no file or directory made.
+    connection = open_read_write(args) if args.yes else open_read_only(args)
+    require_current_schema(connection)
+    base_dir = load_base_dir(args.config)
+    retention = TaskRetention(connection)
+    cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
+    if not args.yes:
+        return _print_plan(plan_prune(base_dir, retention, cutoff), cutoff, base_dir)
+    with tqdm(
+        total=retention.summary(cutoff).tasks, unit="task", file=sys.stderr, disable=not sys.stderr.isatty()
+    ) as bar:
+        try:
+            result = prune(
+                base_dir, retention, TaskRepository(connection), cutoff, batch_size=args.batch_size, progress=bar.update
+            )
+        except KeyboardInterrupt:
+            print(
+                "interrupted: each batch pruned stays pruned, with its tokens in the usage; run the command again "
+                "to go on",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+    if result.leftovers_removed:
+        print(f"finished an interrupted prune: {result.leftovers_removed} directories removed")
+    print(
+        f"pruned {result.tasks} tasks finished before {cutoff:%Y-%m-%d %H:%M} UTC and {result.directories} "
+        f"directories ({_size(result.bytes)}); token usage is unchanged"
+    )
+    if result.skipped:
+        print(f"kept {len(result.skipped)}:")
+        print_table(("uuid", "why"), [(uuid, printable(why)) for uuid, why in result.skipped])
+        return EXIT_ERROR
+    return 0
+
+
+def _print_plan(plan: PrunePlan, cutoff: datetime, base_dir: Path) -> int:
+    summary = plan.summary
+    statuses = ", ".join(f"{count} {status}" for status, count in sorted(summary.by_status.items()))
+    kept = len(plan.held_back)
+    print(
+        f"would prune {summary.tasks - kept} of the {summary.tasks} tasks finished before {cutoff:%Y-%m-%d %H:%M} UTC"
+        + (f" ({statuses})" if statuses else "")
+    )
+    if summary.first_completed is not None and summary.last_completed is not None:
+        print(f"finished between {summary.first_completed:%Y-%m-%d} and {summary.last_completed:%Y-%m-%d}")
+    print(f"would remove {plan.directories} directories under {base_dir / 'completed'}: {_size(plan.bytes)}")
+    print(f"their {summary.tokens:,} tokens stay in the usage, by user and day")
+    if plan.leftovers:
+        print(f"{plan.leftovers} directories left by an interrupted prune are finished by the next prune --yes")
+    if plan.first:
+        more = summary.tasks - kept - len(plan.first)
+        print(f"\nthe first {len(plan.first)}" + (f" (and {more} more)" if more > 0 else "") + ":")
+        print_table(
+            ("uuid", "status", "completed_at", "tokens"),
+            [
+                (task.uuid, task.status, f"{task.completed_at:%Y-%m-%d %H:%M:%S}", f"{task.total_tokens:,}")
+                for task in plan.first
+            ],
+        )
+    if plan.held_back:
+        print(f"\nwould keep {kept}:")
+        print_table(("uuid", "why"), [(uuid, printable(why)) for uuid, why in plan.held_back])
+    print("\nadd --yes to prune them")
+    return 0
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count:,} bytes"
+    exponent = min(int(math.log(count, 1024)), 4)
+    return f"{count / 1024**exponent:,.1f} {('KiB', 'MiB', 'GiB', 'TiB')[exponent - 1]}"
+
+
 def _duration(span: timedelta) -> str:
     minutes = int(span.total_seconds() // 60)
     days, minutes = divmod(minutes, 24 * 60)
@@ -262,3 +350,21 @@ def register(tree: CommandTree) -> None:
     )
     stale.add_argument("--fail", action="store_true", help="mark them failed, naming their host and last sign")
     stale.add_argument("--yes", action="store_true", help="with --fail: do it")
+    pruning = tree.command(
+        tasks,
+        "prune",
+        cmd_tasks_prune,
+        "finished tasks older than N days and their directories; a dry run unless --yes; usage stays the same",
+    )
+    pruning.add_argument(
+        "--older-than", type=days, required=True, metavar="DAYS", help="finished (completed_at) at least DAYS days ago"
+    )
+    pruning.add_argument("--yes", action="store_true", help="prune them")
+    pruning.add_argument(
+        "--ignore-inheritance",
+        action="store_true",
+        help="allow DAYS shorter than context_inheritance.context_expiry_days",
+    )
+    pruning.add_argument(
+        "--batch-size", type=batch_size, default=200, help="tasks per transaction (1..1000, default 200)"
+    )

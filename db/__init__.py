@@ -4,7 +4,15 @@ from db.config import DatabaseConfig, PoolConfig
 from db.connection import DatabaseConnection
 from db.errors import DatabaseConfigError, DatabaseError, DatabaseUnavailableError, TaskAlreadyExistsError
 from db.models import Base, Task, TaskStatus, TimestampMixin
-from db.repositories import DailyUsage, StaleTask, TaskLiveness, TaskRepository, TaskUsageQuery, UserUsage
+from db.repositories import (
+    DailyUsage,
+    StaleTask,
+    TaskLiveness,
+    TaskRepository,
+    TaskRetention,
+    TaskUsageQuery,
+    UserUsage,
+)
 
 __all__ = [
     "Base",
@@ -20,6 +28,7 @@ __all__ = [
     "TaskAlreadyExistsError",
     "TaskLiveness",
     "TaskRepository",
+    "TaskRetention",
     "TaskStatus",
     "TaskUsageQuery",
     "TimestampMixin",

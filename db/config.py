@@ -73,6 +73,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 BASE_DIR_KEY = "context_storage.base_dir"
 DEFAULT_BASE_DIR = "contexts"
+INHERITANCE_DAYS_KEY = "context_inheritance.context_expiry_days"
+DEFAULT_INHERITANCE_DAYS = 90.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,22 @@ def load_base_dir(config: Mapping[str, Any] | str | os.PathLike[str] | None = No
     document, file_label = _read_config(config)
     value, _ = _Resolver({}, document, file_label).lookup(BASE_DIR_KEY)
     return Path(DEFAULT_BASE_DIR if value in (None, "") else str(value))
+
+
+def load_inheritance_days(config: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> float:
+    """`context_inheritance.context_expiry_days` of config.yaml (default 90): how long a finished run stays one
+    that a new run of its issue or merge request inherits from."""
+    document, file_label = _read_config(config)
+    value, source = _Resolver({}, document, file_label).lookup(INHERITANCE_DAYS_KEY)
+    if value in (None, ""):
+        return DEFAULT_INHERITANCE_DAYS
+    try:
+        days = float(value) if not isinstance(value, bool) and isinstance(value, int | float | str) else -1.0
+    except ValueError:
+        days = -1.0
+    if not 0 <= days < float("inf"):
+        raise DatabaseConfigError(f"{source}: must be a number of days >= 0, got {str(value)[:64]!r}")
+    return days
 
 
 class _Resolver:

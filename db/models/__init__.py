@@ -4,8 +4,10 @@ from db.models.base import Base, TimestampMixin, utcnow
 from db.models.task import COUNTER_COLUMNS, FINISHED_STATUSES, INT_MAX, Task, TaskStatus
 from db.models.task_heartbeat import NO_SIGN_OF_LIFE, TaskHeartbeat
 from db.models.task_operation import OPERATION_RETENTION, TaskOperation
+from db.models.usage_bucket import BUCKET, UsageBucket, bucket_start
 
 __all__ = [
+    "BUCKET",
     "COUNTER_COLUMNS",
     "FINISHED_STATUSES",
     "INT_MAX",
@@ -17,5 +19,7 @@ __all__ = [
     "TaskOperation",
     "TaskStatus",
     "TimestampMixin",
+    "UsageBucket",
+    "bucket_start",
     "utcnow",
 ]

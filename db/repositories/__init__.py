@@ -2,6 +2,18 @@
 
 from db.repositories.task_liveness import StaleTask, TaskLiveness
 from db.repositories.task_repository import TaskKeyLike, TaskRepository
+from db.repositories.task_retention import PrunableTask, PruneSummary, TaskRetention
 from db.repositories.task_usage import DailyUsage, TaskUsageQuery, UserUsage
 
-__all__ = ["DailyUsage", "StaleTask", "TaskKeyLike", "TaskLiveness", "TaskRepository", "TaskUsageQuery", "UserUsage"]
+__all__ = [
+    "DailyUsage",
+    "PrunableTask",
+    "PruneSummary",
+    "StaleTask",
+    "TaskKeyLike",
+    "TaskLiveness",
+    "TaskRepository",
+    "TaskRetention",
+    "TaskUsageQuery",
+    "UserUsage",
+]

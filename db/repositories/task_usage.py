@@ -2,7 +2,8 @@
 
 Calendar boundaries are computed in Python (zoneinfo) and compared with `created_at` as instants, so
 neither SQLite's text date-times nor PostgreSQL's session time zone can change a result. A task's tokens
-count on the day it was created; weeks start on Monday.
+count on the day it was created; weeks start on Monday. Pruned tasks count through their usage buckets, each at
+its start, which lies on the same calendar day, in every zone, as each task it holds.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from sqlalchemy import ColumnElement, Date, and_, case, cast, func, literal, select, true
+from sqlalchemy import ColumnElement, Date, Subquery, and_, case, cast, func, literal, select, true, union_all
 
 from db.connection import DatabaseConnection
-from db.models import Task
+from db.models import Task, UsageBucket
 from db.models.types import UTCDateTime
 from db.unit_of_work import run_single_statement
 
@@ -107,23 +108,20 @@ class TaskUsageQuery:
     ) -> list[UserUsage]:
         """Today, this week, this month and all-time tokens per user, the month's largest first."""
         periods = Periods.around(_now(now), time_zone(zone))
+        usage = _usage_rows(None, user)
 
-        # Each group has a row and total_tokens is NOT NULL: no sum here is ever NULL.
+        # Each group has a row and its tokens are NOT NULL: no sum here is ever NULL.
         def within(bounds: tuple[datetime, datetime]) -> ColumnElement[int]:
             start, end = (literal(moment, UTCDateTime()) for moment in bounds)
-            return func.sum(case((and_(Task.created_at >= start, Task.created_at < end), Task.total_tokens), else_=0))
+            return func.sum(case((and_(usage.c.at >= start, usage.c.at < end), usage.c.tokens), else_=0))
 
-        statement = (
-            select(
-                Task.user,
-                within(periods.today),
-                within(periods.week),
-                within(periods.month),
-                func.sum(Task.total_tokens),
-            )
-            .where(_user_condition(user))
-            .group_by(Task.user)
-        )
+        statement = select(
+            usage.c.user,
+            within(periods.today),
+            within(periods.week),
+            within(periods.month),
+            func.sum(usage.c.tokens),
+        ).group_by(usage.c.user)
         rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "usage")
         usages = [UserUsage(row[0], *(int(value) for value in row[1:])) for row in rows]
         return sorted(usages, key=lambda usage: (-usage.month, -usage.total, usage.user or ""))
@@ -163,19 +161,29 @@ class TaskUsageQuery:
         calendar = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
         start, end = day_start(calendar[0], tz), day_start(today + timedelta(days=1), tz)
         postgresql = self._connection.config.backend == "postgresql"
-        local_day = _local_day(_offset_spans(start, end, tz), postgresql)
-        groups: list[Any] = [Task.user, local_day] if by_user else [local_day]
-        statement = (
-            select(*groups, func.sum(Task.total_tokens))
-            .where(
-                Task.created_at >= literal(start, UTCDateTime()),
-                Task.created_at < literal(end, UTCDateTime()),
-                _user_condition(user),
-            )
-            .group_by(*groups)
-        )
+        usage = _usage_rows((start, end), user)
+        local_day = _local_day(usage.c.at, _offset_spans(start, end, tz), postgresql)
+        groups: list[Any] = [usage.c.user, local_day] if by_user else [local_day]
+        statement = select(*groups, func.sum(usage.c.tokens)).group_by(*groups)
         rows = run_single_statement(self._connection, lambda session: session.execute(statement).all(), "daily usage")
         return calendar, list(rows)
+
+
+def _usage_rows(bounds: tuple[datetime, datetime] | None, user: str | None) -> Subquery:
+    """What usage is summed over, as (user, at, tokens): each task at its creation, and each usage bucket of
+    pruned tasks at its start; within `bounds` [start, end) when given, and only `user`'s when given."""
+
+    def part(who: Any, at: Any, tokens: Any) -> Any:
+        conditions = [true() if user is None else who == Task.check_values({"user": user})["user"]]
+        if bounds is not None:
+            conditions += [at >= literal(bounds[0], UTCDateTime()), at < literal(bounds[1], UTCDateTime())]
+        return select(who.label("user"), at.label("at"), tokens.label("tokens")).where(*conditions)
+
+    return union_all(
+        part(Task.user, Task.created_at, Task.total_tokens),
+        part(UsageBucket.user, UsageBucket.bucket_start, UsageBucket.tokens),
+    ).subquery("usage")
+
 
 def _offset_spans(start: datetime, end: datetime, zone: tzinfo) -> list[tuple[datetime, int]]:
     """[(from, UTC offset in seconds)] over [start, end): the zone's offset changes only at the instants
@@ -203,21 +211,21 @@ def _offset_spans(start: datetime, end: datetime, zone: tzinfo) -> list[tuple[da
     return spans
 
 
-def _local_day(spans: list[tuple[datetime, int]], postgresql: bool) -> ColumnElement[Any]:
-    """The calendar day of `created_at` in the zone whose offsets `spans` lists, computed by the database."""
+def _local_day(at: Any, spans: list[tuple[datetime, int]], postgresql: bool) -> ColumnElement[Any]:
+    """The calendar day of the instant `at` in the zone whose offsets `spans` lists, computed by the database."""
 
     def shifted(seconds: int) -> ColumnElement[Any]:
         if postgresql:
-            moment = func.timezone("UTC", Task.created_at) + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+            moment = func.timezone("UTC", at) + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
             return cast(moment, Date)
         # Stored as fixed-width UTC ISO-8601 text, which SQLite's date() reads. Its whole seconds only: date()
         # rounds to the millisecond, which would put 23:59:59.9996 on the next day.
-        return func.date(func.substr(Task.created_at, 1, 19), f"{seconds:+d} seconds")
+        return func.date(func.substr(at, 1, 19), f"{seconds:+d} seconds")
 
     if len(spans) == 1:
         return shifted(spans[0][1])
     whens = [
-        (Task.created_at < literal(later, UTCDateTime()), shifted(seconds))
+        (at < literal(later, UTCDateTime()), shifted(seconds))
         for (_, seconds), (later, _) in itertools.pairwise(spans)
     ]
     return case(*whens, else_=shifted(spans[-1][1]))
@@ -233,7 +241,3 @@ def _now(now: datetime | None) -> datetime:
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
     return now
-
-
-def _user_condition(user: str | None) -> ColumnElement[bool]:
-    return true() if user is None else Task.user == Task.check_values({"user": user})["user"]
