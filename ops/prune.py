@@ -113,7 +113,7 @@ def plan_prune(base_dir: Path, retention: TaskRetention, cutoff: datetime, *, sh
     held_back: list[tuple[str, str]] = []
     first: list[PrunableTask] = []
     for task in _all_prunable(retention, cutoff, MAX_BATCH):
-        problem = folders.problem(task.uuid)
+        problem = folders.problem(task.uuid) or _held(folders, task.uuid)
         if problem is not None:
             held_back.append((task.uuid, problem))
             continue
@@ -240,6 +240,16 @@ def _finish_leftovers(folders: TaskFolders, repository: TaskRepository, result: 
                 os.rename(aside, folders.completed_dir / original)
         finally:
             lock.release()
+
+
+def _held(folders: TaskFolders, uuid: str) -> str | None:
+    """Whether a live process holds the task (read only: no lock taken, no file made)."""
+    if not folders.completed.get(uuid):
+        return None
+    try:
+        return "being worked on; kept" if TaskLock(folders.base_dir, uuid).held_elsewhere() else None
+    except OSError as exc:
+        return f"locks/{uuid}.lock is not a lock file ({exc.strerror}); kept"
 
 
 def _all_prunable(retention: TaskRetention, cutoff: datetime, page: int) -> Iterator[PrunableTask]:

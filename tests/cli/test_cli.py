@@ -20,7 +20,7 @@ def test_start_up_twice_on_a_fresh_directory(tmp_path: Path) -> None:
     first = run(tmp_path)
     assert first.returncode == 0, first.stderr
     assert "backend:     sqlite" in first.stdout
-    assert "schema:      0004" in first.stdout
+    assert "schema:      0005" in first.stdout
     assert "running 0, completed 0, failed 0, stopped 0" in first.stdout
     database = tmp_path / "contexts" / "tasks.db"
     assert database.exists()
@@ -46,11 +46,11 @@ def test_production_refuses_to_start_before_migrations(tmp_path: Path) -> None:
     assert_one_line_error(result, "python main.py db upgrade")
     assert run(tmp_path, "db", "check").returncode == 1
     upgraded = run(tmp_path, "db", "upgrade", APP_ENV="production")
-    assert upgraded.returncode == 0 and "schema upgraded: empty -> 0004" in upgraded.stdout
-    assert "schema already at head: 0004" in run(tmp_path, "db", "upgrade").stdout
+    assert upgraded.returncode == 0 and "schema upgraded: empty -> 0005" in upgraded.stdout
+    assert "schema already at head: 0005" in run(tmp_path, "db", "upgrade").stdout
     assert run(tmp_path, APP_ENV="production").returncode == 0
     current = run(tmp_path, "db", "current")
-    assert "current: 0004" in current.stdout and "head:    0004" in current.stdout
+    assert "current: 0005" in current.stdout and "head:    0005" in current.stdout
     check = run(tmp_path, "db", "check")
     assert check.returncode == 0
     assert "journal_mode=wal" in check.stdout and "busy_timeout=30000ms" in check.stdout

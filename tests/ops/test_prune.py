@@ -1,0 +1,167 @@
+"""`tasks prune`: finished tasks past the cutoff go with their directories, usage stays, nothing else moves; a
+dry run changes nothing; an interrupted run is finished by the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from context_storage import GitHubIssueTaskKey, TaskContextManager
+from context_storage.metadata_file import load_metadata, write_metadata
+from context_storage.task_lock import TaskLock
+from db import DatabaseConnection, Task, TaskRepository, TaskRetention, TaskUsageQuery
+from db.startup import start_database
+from ops.prune import PRUNING, plan_prune, prune
+from tests.support.cli import run_here
+
+LONG_AGO = datetime.now(UTC) - timedelta(days=200)
+
+
+@pytest.fixture(params=["sqlite-file", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def finished_task(config: dict[str, Any], number: int, tokens: int, how: str = "complete", old: bool = True) -> str:
+    manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", number), str(uuid.uuid4()), config, user="ann")
+    manager.update_statistics(llm_calls=1, tokens=tokens)
+    getattr(manager, how)(*(("it broke",) if how == "fail" else ()))
+    if old:
+        with DatabaseConnection.get_instance().engine.begin() as raw:
+            raw.execute(
+                update(Task)
+                .where(Task.uuid == manager.uuid)
+                .values(created_at=LONG_AGO, completed_at=LONG_AGO + timedelta(hours=1))
+            )
+    return manager.uuid
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under `root` (links not followed) with its mode, and a file's size and modification time. A
+    directory's own time is left out: a reader of the SQLite file makes and removes its -wal and -shm."""
+    state = {}
+    for path in [root, *root.rglob("*")]:
+        info = path.lstat()
+        timed = not path.is_dir() or path.is_symlink()
+        state[str(path.relative_to(root))] = (
+            info.st_mode,
+            info.st_size if timed else 0,
+            info.st_mtime_ns if timed else 0,
+        )
+    return state
+
+
+def rows() -> set[str]:
+    with DatabaseConnection.get_instance().engine.connect() as raw:
+        return set(raw.execute(select(Task.uuid)).scalars())
+
+
+def test_prune_removes_old_finished_tasks_and_their_directories_and_keeps_usage_and_everything_else(
+    agent_config: dict[str, Any], tmp_path: Path
+) -> None:
+    base = Path(agent_config["context_storage"]["base_dir"])
+    completed = base / "completed"
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "dir" / "keep.txt").write_text("not the task's")
+    done = finished_task(agent_config, 1, 100)
+    failed = finished_task(agent_config, 2, 200, "fail")
+    stopped = finished_task(agent_config, 3, 300, "stop")
+    unsaved = finished_task(agent_config, 4, 400)
+    linked = finished_task(agent_config, 5, 500)
+    held = finished_task(agent_config, 6, 600)
+    recent = finished_task(agent_config, 7, 700, old=False)
+    running = TaskContextManager(GitHubIssueTaskKey("acme", "web", 8), str(uuid.uuid4()), agent_config)
+    # A second run's directory of one task, links inside another's (removed as links, never followed), one
+    # task whose directory is a link (kept, and what it leads to untouched), statistics not yet written.
+    (completed / f"{failed}-20260101T000000000000Z").mkdir()
+    (completed / stopped / "to-file").symlink_to(outside / "dir" / "keep.txt")
+    (completed / stopped / "to-dir").symlink_to(outside / "dir")
+    metadata = load_metadata(completed / unsaved)
+    write_metadata(completed / unsaved, {**metadata, "unsaved": {"statistics": {"tokens": 9}}})
+    (completed / linked).rename(tmp_path / "moved")
+    (completed / linked).symlink_to(tmp_path / "moved")
+    lock = TaskLock(base, held)
+    lock.acquire()
+    (tmp_path / "config.yaml").write_text(json.dumps(agent_config), encoding="utf-8")
+    usage_before = TaskUsageQuery().per_user(zone="Asia/Kathmandu")
+    DatabaseConnection.reset()
+
+    assert run_here(tmp_path, "tasks", "prune", "--older-than", "30").returncode == 2  # inheritance: 90 days
+    before = tree_state(tmp_path)
+    dry = run_here(tmp_path, "tasks", "prune", "--older-than", "100")
+    assert dry.returncode == 0, dry.stderr
+    assert tree_state(tmp_path) == before  # the SQLite file, locks/, every directory: as they were
+    assert "would prune 3 of the 6 tasks" in dry.stdout and "would remove 4 directories" in dry.stdout
+    assert all(key in dry.stdout for key in (done, failed, stopped, unsaved, linked))
+    assert "not yet written" in dry.stdout and "is a link" in dry.stdout
+
+    DatabaseConnection.reset()
+    pruned = run_here(tmp_path, "tasks", "prune", "--older-than", "100", "--yes")
+    assert pruned.returncode == 1, pruned.stderr  # some were kept, and said why
+    assert "pruned 3 tasks" in pruned.stdout and "4 directories" in pruned.stdout
+    assert "being worked on" in pruned.stdout and "not yet written" in pruned.stdout
+    start_database(agent_config)
+    assert rows() == {unsaved, linked, held, recent, running.uuid}
+    assert sorted(path.name for path in completed.iterdir()) == sorted([unsaved, linked, held, recent])
+    assert (outside / "dir" / "keep.txt").read_text() == "not the task's" and (tmp_path / "moved").is_dir()
+    assert TaskUsageQuery().per_user(zone="Asia/Kathmandu") == usage_before
+    assert {path.stem for path in (base / "locks").iterdir()} == {held, running.uuid}  # none of prune's left
+
+    lock.release()
+    running.complete()
+    DatabaseConnection.reset()
+    again = run_here(tmp_path, "tasks", "prune", "--older-than", "100", "--yes")
+    assert "pruned 1 tasks" in again.stdout and again.returncode == 1
+    start_database(agent_config)
+    assert rows() == {unsaved, linked, recent, running.uuid}
+    assert TaskUsageQuery().per_user(zone="Asia/Kathmandu") == usage_before
+
+
+class _Interrupted(TaskRetention):
+    """Stops the run at its second batch, before or after the batch's transaction committed."""
+
+    def __init__(self, after_commit: bool) -> None:
+        super().__init__()
+        self.after_commit = after_commit
+        self.batches = 0
+
+    def prune(self, uuids: Any, cutoff: datetime) -> list[str]:
+        self.batches += 1
+        if self.batches == 2 and not self.after_commit:
+            raise KeyboardInterrupt
+        deleted = super().prune(uuids, cutoff)
+        if self.batches == 2:
+            raise KeyboardInterrupt
+        return deleted
+
+
+@pytest.mark.parametrize("after_commit", [False, True])
+def test_an_interrupted_prune_is_finished_by_the_next_and_no_directory_outlives_its_row(
+    agent_config: dict[str, Any], after_commit: bool
+) -> None:
+    base = Path(agent_config["context_storage"]["base_dir"])
+    old = [finished_task(agent_config, number, 10 * number) for number in range(1, 6)]
+    usage_before = TaskUsageQuery().per_user()
+    cutoff = datetime.now(UTC) - timedelta(days=100)
+    repository = TaskRepository()
+    with pytest.raises(KeyboardInterrupt):
+        prune(base, _Interrupted(after_commit), repository, cutoff, batch_size=2)
+    left_aside = [path.name for path in (base / "completed").iterdir() if path.name.startswith(PRUNING)]
+    assert len(left_aside) == 2
+    # Set aside or not, every directory's row is still there, or its directory is on its way out.
+    assert TaskUsageQuery().per_user() == usage_before
+    assert plan_prune(base, TaskRetention(), cutoff).leftovers == 2
+    result = prune(base, TaskRetention(), repository, cutoff, batch_size=2)
+    assert result.leftovers_removed == (2 if after_commit else 0)
+    assert result.tasks == (1 if after_commit else 3) and not result.skipped
+    assert rows().isdisjoint(old) and list((base / "completed").iterdir()) == []
+    assert TaskUsageQuery().per_user() == usage_before
+    assert not [name for name in os.listdir(base / "locks")]
