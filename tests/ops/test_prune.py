@@ -63,24 +63,21 @@ def rows() -> set[str]:
         return set(raw.execute(select(Task.uuid)).scalars())
 
 
-def test_prune_removes_old_finished_tasks_and_their_directories_and_keeps_usage_and_everything_else(
-    agent_config: dict[str, Any], tmp_path: Path
-) -> None:
-    base = Path(agent_config["context_storage"]["base_dir"])
+def tasks_of_every_kind(config: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    """Old finished tasks (one with a second run's directory, one with links inside), old ones that must stay
+    (statistics not yet written, a directory that is a link, one being worked on), a recent one."""
+    base = Path(config["context_storage"]["base_dir"])
     completed = base / "completed"
     outside = tmp_path / "outside"
     (outside / "dir").mkdir(parents=True)
     (outside / "dir" / "keep.txt").write_text("not the task's")
-    done = finished_task(agent_config, 1, 100)
-    failed = finished_task(agent_config, 2, 200, "fail")
-    stopped = finished_task(agent_config, 3, 300, "stop")
-    unsaved = finished_task(agent_config, 4, 400)
-    linked = finished_task(agent_config, 5, 500)
-    held = finished_task(agent_config, 6, 600)
-    recent = finished_task(agent_config, 7, 700, old=False)
-    running = TaskContextManager(GitHubIssueTaskKey("acme", "web", 8), str(uuid.uuid4()), agent_config)
-    # A second run's directory of one task, links inside another's (removed as links, never followed), one
-    # task whose directory is a link (kept, and what it leads to untouched), statistics not yet written.
+    done = finished_task(config, 1, 100)
+    failed = finished_task(config, 2, 200, "fail")
+    stopped = finished_task(config, 3, 300, "stop")
+    unsaved = finished_task(config, 4, 400)
+    linked = finished_task(config, 5, 500)
+    held = finished_task(config, 6, 600)
+    recent = finished_task(config, 7, 700, old=False)
     (completed / f"{failed}-20260101T000000000000Z").mkdir()
     (completed / stopped / "to-file").symlink_to(outside / "dir" / "keep.txt")
     (completed / stopped / "to-dir").symlink_to(outside / "dir")
@@ -88,6 +85,18 @@ def test_prune_removes_old_finished_tasks_and_their_directories_and_keeps_usage_
     write_metadata(completed / unsaved, {**metadata, "unsaved": {"statistics": {"tokens": 9}}})
     (completed / linked).rename(tmp_path / "moved")
     (completed / linked).symlink_to(tmp_path / "moved")
+    names = ("done", "failed", "stopped", "unsaved", "linked", "held", "recent")
+    return dict(zip(names, (done, failed, stopped, unsaved, linked, held, recent), strict=True))
+
+
+def test_prune_removes_old_finished_tasks_and_their_directories_and_keeps_usage_and_everything_else(
+    agent_config: dict[str, Any], tmp_path: Path
+) -> None:
+    base = Path(agent_config["context_storage"]["base_dir"])
+    completed = base / "completed"
+    tasks = tasks_of_every_kind(agent_config, tmp_path)
+    done, failed, stopped, unsaved, linked, held, recent = tasks.values()
+    running = TaskContextManager(GitHubIssueTaskKey("acme", "web", 8), str(uuid.uuid4()), agent_config)
     lock = TaskLock(base, held)
     lock.acquire()
     (tmp_path / "config.yaml").write_text(json.dumps(agent_config), encoding="utf-8")
@@ -111,7 +120,7 @@ def test_prune_removes_old_finished_tasks_and_their_directories_and_keeps_usage_
     start_database(agent_config)
     assert rows() == {unsaved, linked, held, recent, running.uuid}
     assert sorted(path.name for path in completed.iterdir()) == sorted([unsaved, linked, held, recent])
-    assert (outside / "dir" / "keep.txt").read_text() == "not the task's" and (tmp_path / "moved").is_dir()
+    assert (tmp_path / "outside" / "dir" / "keep.txt").read_text() == "not the task's" and (tmp_path / "moved").is_dir()
     assert TaskUsageQuery().per_user(zone="Asia/Kathmandu") == usage_before
     assert {path.stem for path in (base / "locks").iterdir()} == {held, running.uuid}  # none of prune's left
 
