@@ -72,6 +72,8 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
         print(f"skipped:     {report.skipped} (uuid already present)")
     if report.merged:
         print(f"merged:      {report.merged} (identical duplicate rows of the source)")
+    if report.usage_buckets:
+        print(f"{'usage:':<12} {report.usage_buckets} buckets of pruned tasks' tokens (by user and quarter hour)")
     if report.renamed:
         print(f"renamed:     {len(report.renamed)} (ids in upper case or not UUIDs; old -> new below)")
         for old, new in sorted(report.renamed.items()):

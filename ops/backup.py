@@ -15,13 +15,13 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Connection, delete, func, insert, select
 
 from db.connection import DatabaseConnection
 from db.errors import DatabaseError
-from db.models import Task
+from db.models import Task, UsageBucket
 from db.schema import known_revisions, upgrade_schema
 from db.sqlite_backup import backup_engine_database, backup_path_for
 from db.unit_of_work import is_sqlite_busy
@@ -105,7 +105,8 @@ class RestoreResult:
 
 
 def restore_database(connection: DatabaseConnection, backup: Path) -> RestoreResult:
-    """Replace the configured database's tasks by those in `backup` (made by `backup_database`).
+    """Replace the configured database's tasks, and the usage of its pruned tasks, by those in `backup` (made by
+    `backup_database`).
 
     The backup is verified before anything changes, the data it replaces is first copied aside, and the
     replacement is one transaction checked before it commits: a failed restore changes nothing.
@@ -163,6 +164,7 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
         except DataMigrationError as exc:
             raise DatabaseError(f"{backup} cannot be restored: {exc}") from None
         expected = checked.rows - checked.merged
+        buckets = source.usage_buckets()
         upgrade_schema(connection)
         copy = None
         if _has_tasks(connection):
@@ -171,6 +173,16 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
             session.execute(delete(Task))
             for batch in source.rows(RESTORE_BATCH):
                 session.execute(insert(Task), batch)
+            # The usage of the backup's pruned tasks comes with its tasks, and replaces the target's.
+            session.execute(delete(UsageBucket))
+            if buckets:
+                session.execute(
+                    insert(UsageBucket),
+                    [
+                        {"user": user, "bucket_start": start, "tokens": tokens}
+                        for (user, start), tokens in buckets.items()
+                    ],
+                )
             restored = session.scalar(select(func.count()).select_from(Task))
             if restored != expected:
                 raise DatabaseError(
@@ -259,12 +271,53 @@ def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> Restore
                 transaction.rollback()
                 problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
                 raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
+            conn.exec_driver_sql("DELETE FROM token_usage_buckets")
+            if re.search(r"^\d+; \d+ \d+ TABLE DATA \S+ token_usage_buckets ", listing, re.MULTILINE):
+                _restore_buckets_postgresql(connection, conn, cursor, backup)
     finally:
         process.kill()
         process.wait()
         process.stdout.close()
         process.stderr.close()
     return RestoreResult(restored, revision, copy)
+
+
+def _restore_buckets_postgresql(connection: DatabaseConnection, conn: Connection, cursor: Any, backup: Path) -> None:
+    """The backup's usage buckets into the transaction of the restore, checked as every source's are: through
+    a table of the same columns, so that the server reads the text and only checked values reach the table."""
+    process = _start_pg_tool(
+        connection, "pg_restore", "--data-only", "--table=token_usage_buckets", "--file=-", "--", str(backup)
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        columns = _copy_header(process.stdout, backup)
+        if sorted(columns) != ["bucket_start", "id", "tokens", "user"]:
+            raise DatabaseError(f"{backup} holds usage buckets of another shape; nothing was changed")
+        conn.exec_driver_sql("CREATE TEMPORARY TABLE restored_buckets (LIKE token_usage_buckets) ON COMMIT DROP")
+        data = _CopyData(process.stdout)
+        names = ", ".join(f'"{name}"' for name in columns)
+        cursor.copy_expert(f"COPY restored_buckets ({names}) FROM STDIN", data, size=1 << 20)
+        errors = process.stderr.read()
+        if process.wait() != 0 or not data.finished:
+            problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
+            raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
+        bad = conn.exec_driver_sql(
+            "SELECT count(*) FROM restored_buckets WHERE tokens < 0 "
+            'OR mod(extract(epoch FROM bucket_start), 900) <> 0 OR length("user") > 255'
+        ).scalar_one()
+        if bad:
+            raise DatabaseError(
+                f"{backup} holds {bad} usage buckets that are not a quarter hour's tokens; nothing was changed"
+            )
+        conn.exec_driver_sql(
+            'INSERT INTO token_usage_buckets ("user", bucket_start, tokens) '
+            'SELECT "user", bucket_start, tokens FROM restored_buckets'
+        )
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def _copy_header(lines: IO[str], backup: Path) -> list[str]:

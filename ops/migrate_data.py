@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from sqlalchemy import Column, Connection, MetaData, Table
+from sqlalchemy import Column, Connection, MetaData, Table, func, insert, select
 
 from db.connection import DatabaseConnection
 from db.legacy_rows import COLUMNS, DATETIMES, INTEGERS
-from db.models import Task
+from db.models import Task, UsageBucket
 from db.models.types import parse_stored_datetime
 from db.schema import schema_state, upgrade_schema
 from ops.migrate_data_source import STRINGS, Aggregates, DataMigrationError, TaskSource
@@ -58,6 +59,7 @@ class MigrationReport:
     dry_run: bool = False
     seconds: float = 0.0
     differences: list[str] = field(default_factory=list)
+    usage_buckets: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -89,6 +91,7 @@ def migrate_data(
     tasks = TaskSource(source, leave_behind)
     try:
         checked = tasks.check()
+        buckets = tasks.usage_buckets()
         database = target.config.sqlalchemy_url.database
         if target.config.backend == "sqlite" and database and database != ":memory:" and tasks.is_same_file(database):
             raise DataMigrationError(f"the source {tasks.path} is the configured database itself: nothing to copy")
@@ -107,7 +110,7 @@ def migrate_data(
                 if not dry_run:
                     upgrade_schema(target)
                 merge = _Merge(overwrite=overwrite, overwrite_newer=overwrite_newer)
-                _copy(target, tasks, expected, report, merge, batch_size=batch_size, progress=progress)
+                _copy(target, tasks, buckets, expected, report, merge, batch_size=batch_size, progress=progress)
         report.seconds = time.perf_counter() - started
         return report
     finally:
@@ -123,6 +126,7 @@ class _Merge:
 def _copy(
     target: DatabaseConnection,
     tasks: TaskSource,
+    buckets: dict[tuple[str | None, datetime], int],
     expected: Future[Aggregates],
     report: MigrationReport,
     merge: _Merge,
@@ -133,6 +137,8 @@ def _copy(
     with target.engine.connect() as connection, connection.begin() as transaction:
         postgresql = connection.dialect.name == "postgresql"
         direct = postgresql and not report.dry_run and _table_is_empty(connection)
+        # In the copy's transaction: refused, or cut short, the tasks are not copied either.
+        report.usage_buckets = _carry_buckets(connection, buckets, str(tasks.path))
         try:
             if direct:
                 _copy_in(connection, "tasks", tasks.copy_chunks(batch_size), progress, batch_size)
@@ -168,6 +174,31 @@ def _copy(
             report.differences = _rows_not_as_copied(connection)
         if report.differences:
             transaction.rollback()
+
+
+def _carry_buckets(connection: Connection, buckets: dict[tuple[str | None, datetime], int], source: str) -> int:
+    """Add the source's usage buckets (the tokens of its pruned tasks) to a target that has none; nothing to
+    a target that has these very sums already (the copy run again). Anything else is refused: adding to
+    other buckets could count a pruned task's tokens twice."""
+    if not buckets:
+        return 0
+    present = connection.execute(
+        select(UsageBucket.user, UsageBucket.bucket_start, func.sum(UsageBucket.tokens)).group_by(
+            UsageBucket.user, UsageBucket.bucket_start
+        )
+    ).all()
+    if present:
+        if {(user, start): int(tokens) for user, start, tokens in present} == buckets:
+            return 0
+        raise DataMigrationError(
+            f"{source} holds the usage of tasks pruned from it, and the target holds usage of pruned tasks of its "
+            "own: adding one to the other could count tokens twice, so nothing was copied. Copy into a target "
+            "that was never pruned"
+        )
+    rows = [{"user": user, "bucket_start": start, "tokens": tokens} for (user, start), tokens in buckets.items()]
+    for first in range(0, len(rows), 10_000):
+        connection.execute(insert(UsageBucket), rows[first : first + 10_000])
+    return len(rows)
 
 
 def _table_is_empty(connection: Connection) -> bool:

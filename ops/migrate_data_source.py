@@ -32,11 +32,14 @@ from db.legacy_rows import (
     carried_rows,
     check_all,
 )
-from db.models import COUNTER_COLUMNS
+from db.models import COUNTER_COLUMNS, bucket_start
+from db.models.task import storable_text
 from db.models.types import parse_stored_datetime
 from db.unit_of_work import is_sqlite_busy
 from private_files import connect_sqlite
 
+BUCKETS = "token_usage_buckets"
+MAX_BUCKET_TOKENS = 2**63 - 1
 REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
 STRINGS = (*LENGTHS, "error_message")
 
@@ -212,6 +215,27 @@ class TaskSource:
             return tuple(rows[0])
         return None
 
+    def usage_buckets(self) -> dict[tuple[str | None, datetime], int]:
+        """The tokens of the source's pruned tasks by user and bucket ({} for a file that has none), each value
+        checked; DataMigrationError naming the first that cannot be carried."""
+        try:
+            if not inspect(self.engine).has_table(BUCKETS):
+                return {}
+            batches = list(self._query(f'SELECT "user", bucket_start, tokens FROM {BUCKETS}'))  # noqa: S608
+        except Exception as exc:
+            if is_sqlite_busy(exc):
+                raise DataMigrationError(_BUSY.format(path=self.path)) from None
+            raise DataMigrationError(f"{self.path}: its {BUCKETS} table cannot be read") from None
+        sums: dict[tuple[str | None, datetime], int] = {}
+        for user, start, tokens in (row for rows in batches for row in rows):
+            key = (_bucket_user(user, self.path), _bucket_start(start, self.path))
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise DataMigrationError(f"{self.path}: a usage bucket holds {str(tokens)[:40]!r} tokens")
+            sums[key] = sums.get(key, 0) + tokens
+            if sums[key] > MAX_BUCKET_TOKENS:
+                raise DataMigrationError(f"{self.path}: a usage bucket holds more tokens than can be stored")
+        return sums
+
     def rows(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
         """The rows as they will be stored (every model column), a batch at a time; `check` comes first."""
         yield from self._carried(batch_size)
@@ -321,6 +345,24 @@ class TaskSource:
                             result.earliest[name] = value
                         if high is None or value > high:
                             result.latest[name] = value
+
+
+def _bucket_user(user: object, path: Path) -> str | None:
+    if user is None:
+        return None
+    if not isinstance(user, str) or len(storable_text(user)) > LENGTHS["user"]:
+        raise DataMigrationError(f"{path}: a usage bucket's user is not a name of at most {LENGTHS['user']} characters")
+    return storable_text(user)
+
+
+def _bucket_start(value: object, path: Path) -> datetime:
+    try:
+        moment = parse_stored_datetime(value) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or bucket_start(moment) != moment:
+        raise DataMigrationError(f"{path}: a usage bucket starts at {str(value)[:40]!r}, not at a quarter hour")
+    return moment
 
 
 def _canonical(expression: str) -> str:

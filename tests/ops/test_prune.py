@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.metadata_file import load_metadata, write_metadata
 from context_storage.task_lock import TaskLock
-from db import DatabaseConnection, Task, TaskRepository, TaskRetention, TaskUsageQuery
+from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository, TaskRetention, TaskUsageQuery
+from db.schema import upgrade_schema
 from db.startup import start_database
+from ops.backup import backup_database, restore_database
+from ops.migrate_data import DataMigrationError, migrate_data
 from ops.prune import PRUNING, plan_prune, prune
 from tests.support.cli import run_here
+from tests.support.data import task_data
 
 LONG_AGO = datetime.now(UTC) - timedelta(days=200)
 
@@ -174,3 +178,68 @@ def test_an_interrupted_prune_is_finished_by_the_next_and_no_directory_outlives_
     assert rows().isdisjoint(old) and list((base / "completed").iterdir()) == []
     assert TaskUsageQuery().per_user() == usage_before
     assert not [name for name in os.listdir(base / "locks")]
+
+
+def old_finished(connection: DatabaseConnection, count: int, user: str, tokens: int) -> None:
+    when = LONG_AGO - timedelta(minutes=count)
+    rows = [
+        task_data(
+            user=user, status="completed", created_at=when, updated_at=when, completed_at=when, total_tokens=tokens
+        )
+        for _ in range(count)
+    ]
+    with connection.engine.begin() as raw:
+        raw.execute(insert(Task), [Task.check_values(row) for row in rows])
+
+
+def prune_all(connection: DatabaseConnection) -> int:
+    retention = TaskRetention(connection)
+    cutoff = datetime.now(UTC) - timedelta(days=100)
+    return sum(len(retention.prune([task.uuid for task in batch], cutoff)) for batch in [retention.prunable(cutoff)])
+
+
+def test_a_restore_brings_the_usage_of_pruned_tasks_back_with_the_tasks_in_place_of_the_current(
+    blank_connection: DatabaseConnection, tmp_path: Path
+) -> None:
+    upgrade_schema(blank_connection)
+    old_finished(blank_connection, 10, "ann", 7)
+    assert prune_all(blank_connection) == 10
+    old_finished(blank_connection, 3, "bob", 5)  # not pruned: tasks
+    at_backup = TaskUsageQuery(blank_connection).per_user()
+    backup = backup_database(blank_connection, tmp_path / "backups" / "tasks.dump")
+    old_finished(blank_connection, 4, "ann", 1000)
+    assert prune_all(blank_connection) == 7
+    assert TaskUsageQuery(blank_connection).per_user() != at_backup
+    restore_database(blank_connection, backup)
+    assert TaskUsageQuery(blank_connection).per_user() == at_backup
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_migrate_data_carries_the_usage_of_pruned_tasks_once_and_refuses_to_add_to_another_s(
+    blank_connection: DatabaseConnection, tmp_path: Path
+) -> None:
+    target = blank_connection.config
+    DatabaseConnection.reset()
+    source_path = tmp_path / "tasks.db"
+    source = DatabaseConnection.initialize(DatabaseConfig(url=f"sqlite:///{source_path}"))
+    upgrade_schema(source)
+    old_finished(source, 6, "ann", 11)
+    old_finished(source, 2, "bob", 0)
+    assert prune_all(source) == 8
+    old_finished(source, 3, "ann", 1)
+    expected = TaskUsageQuery(source).per_user()
+    DatabaseConnection.reset()
+    connection = DatabaseConnection.initialize(target)
+    first = migrate_data(str(source_path), connection)
+    assert first.copied == 3 and first.usage_buckets > 0
+    assert TaskUsageQuery(connection).per_user() == expected
+    again = migrate_data(str(source_path), connection)  # run again: nothing added twice
+    assert again.copied == 0 and again.usage_buckets == 0
+    assert TaskUsageQuery(connection).per_user() == expected
+    # A target with usage of its own pruned tasks: refused whole, its tasks untouched.
+    old_finished(connection, 1, "cy", 9)
+    prune_all(connection)
+    before = (TaskUsageQuery(connection).per_user(), rows())
+    with pytest.raises(DataMigrationError, match="could count tokens twice"):
+        migrate_data(str(source_path), connection, overwrite=True)
+    assert (TaskUsageQuery(connection).per_user(), rows()) == before
