@@ -457,6 +457,7 @@ def test_a_migration_takes_its_locks_with_a_short_timeout_and_tries_again(
         conn.exec_driver_sql("DROP INDEX ix_tasks_user_created_at")
         conn.exec_driver_sql("DROP TABLE task_operations")
         conn.exec_driver_sql("DROP TABLE task_heartbeats")
+        conn.exec_driver_sql("DROP TABLE token_usage_buckets")
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
     holder = engine.connect()
     transaction = holder.begin()

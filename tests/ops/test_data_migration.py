@@ -157,6 +157,7 @@ def test_cli_migrate_data_into_postgresql(tmp_path: Path, legacy: Path, postgres
         raw.exec_driver_sql("DROP TABLE IF EXISTS tasks")
         raw.exec_driver_sql("DROP TABLE IF EXISTS task_operations")
         raw.exec_driver_sql("DROP TABLE IF EXISTS task_heartbeats")
+        raw.exec_driver_sql("DROP TABLE IF EXISTS token_usage_buckets")
         raw.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     DatabaseConnection.reset()
     env = {"DATABASE_URL": postgres_url.render_as_string(hide_password=False)}

@@ -32,6 +32,7 @@ def _drop_everything(engine: Engine) -> None:
         conn.exec_driver_sql("DROP TABLE IF EXISTS tasks")
         conn.exec_driver_sql("DROP TABLE IF EXISTS task_operations")
         conn.exec_driver_sql("DROP TABLE IF EXISTS task_heartbeats")
+        conn.exec_driver_sql("DROP TABLE IF EXISTS token_usage_buckets")
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
 
 
