@@ -16,7 +16,7 @@ from cli.tree import CommandTree
 from db import DatabaseConfig, DatabaseConnection
 from db.schema import schema_state, upgrade_schema
 from ops.backup import backup_database, restore_database
-from ops.migrate_data import MAX_BATCH, migrate_data
+from ops.migrate_data import MAX_BATCH, MigrationReport, migrate_data
 from ops.stats import database_stats
 
 
@@ -59,9 +59,26 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
             progress=bar.update,
             leave_behind=args.leave_behind,
         )
+    _print_counts(report, args, connection.config.safe_url)
+    print(f"time:        {report.seconds:.1f}s ({report.rows_per_second:,.0f} rows/s)")
+    if report.differences:
+        print("error: verification failed, nothing was written:", file=sys.stderr)
+        for difference in report.differences[:20]:
+            print(f"  {difference}", file=sys.stderr)
+        if report.skipped:
+            print("  (tasks already in the target differ from the source: --overwrite replaces them)", file=sys.stderr)
+        elif report.kept_newer:
+            print("  (tasks kept as newer in the target: --overwrite-newer replaces them)", file=sys.stderr)
+        return EXIT_ERROR
+    if not report.dry_run:
+        print("verified:    row counts and per-column aggregates of source and target are equal")
+    return 0
+
+
+def _print_counts(report: MigrationReport, args: argparse.Namespace, target: str) -> None:
     verb = "would copy" if report.dry_run else "copied"
     print(f"source:      {report.source} ({report.source_rows} tasks)")
-    print(f"target:      {connection.config.safe_url}")
+    print(f"target:      {target}")
     print(f"{verb + ':':<12} {report.copied}")
     if args.overwrite:
         label = "would overwrite:" if report.dry_run else "overwritten:"
@@ -78,19 +95,6 @@ def cmd_db_migrate_data(args: argparse.Namespace) -> int:
         print(f"renamed:     {len(report.renamed)} (ids in upper case or not UUIDs; old -> new below)")
         for old, new in sorted(report.renamed.items()):
             print(f"  {printable(old)} -> {new}")
-    print(f"time:        {report.seconds:.1f}s ({report.rows_per_second:,.0f} rows/s)")
-    if report.differences:
-        print("error: verification failed, nothing was written:", file=sys.stderr)
-        for difference in report.differences[:20]:
-            print(f"  {difference}", file=sys.stderr)
-        if report.skipped:
-            print("  (tasks already in the target differ from the source: --overwrite replaces them)", file=sys.stderr)
-        elif report.kept_newer:
-            print("  (tasks kept as newer in the target: --overwrite-newer replaces them)", file=sys.stderr)
-        return EXIT_ERROR
-    if not report.dry_run:
-        print("verified:    row counts and per-column aggregates of source and target are equal")
-    return 0
 
 
 def cmd_db_backup(args: argparse.Namespace) -> int:

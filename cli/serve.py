@@ -5,18 +5,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.arguments import integer_in, network, port, zone_name
-from cli.connect import open_read_only_at_head
 from cli.tree import CommandTree
-from db import DatabaseConfig, DatabaseError
+from db import DatabaseConfig, DatabaseConfigError, DatabaseConnection, DatabaseError
+from db.schema import require_current_schema
+
+if TYPE_CHECKING:
+    from dashboard import DatabaseSource
+
+# Where the dashboard reads, when not from the agents' database.
+DASHBOARD_URL_VARIABLE = "DASHBOARD_DATABASE_URL"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # FastAPI and uvicorn are loaded for this command only: the agent itself starts without them.
-    from dashboard import Access, DashboardSettings, DatabaseSource  # noqa: PLC0415
+    from dashboard import Access, DashboardSettings  # noqa: PLC0415
     from dashboard.server import bind, serve, url_of  # noqa: PLC0415
 
     access = Access.for_bind(args.host, os.environ)
@@ -28,10 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stale_after=timedelta(minutes=args.stale_minutes),
         metrics_top_users=args.metrics_top_users,
     )
-    config = DatabaseConfig.load(args.config)
-    on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
-    sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
-    source = DatabaseSource(lambda: open_read_only_at_head(args, wait=False), empty_until_created=sqlite_file)
+    source = dashboard_source(args.config, os.environ)
     sock = bind(args.host, args.port)
     with contextlib.suppress(DatabaseError):
         # Opened now to report a problem at once (the source logs it); the pages show it until it is fixed.
@@ -40,6 +46,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"dashboard on {url_of(sock)} ({rule}); Ctrl-C stops it", flush=True)
     serve(sock, source, access, settings, header_seconds=args.header_timeout)
     return 0
+
+
+def dashboard_source(config_file: str | None, env: Mapping[str, str]) -> DatabaseSource:
+    """Where the dashboard reads, read-only: `DASHBOARD_DATABASE_URL` when set (a standby, say, to keep the
+    pages' reads off the primary), else the agents' database."""
+    from dashboard import DatabaseSource  # noqa: PLC0415
+
+    url = env.get(DASHBOARD_URL_VARIABLE, "").strip()
+    try:
+        config = DatabaseConfig.load(config_file, {**env, "DATABASE_URL": url} if url else env)
+    except DatabaseConfigError as exc:
+        if not url:
+            raise
+        raise DatabaseConfigError(f"{DASHBOARD_URL_VARIABLE} (read as DATABASE_URL): {exc}") from None
+    on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
+    sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
+
+    def open_at_head() -> DatabaseConnection:
+        connection = DatabaseConnection.initialize(replace(config, startup_timeout=0), read_only=True)
+        require_current_schema(connection)
+        return connection
+
+    return DatabaseSource(open_at_head, empty_until_created=sqlite_file)
 
 
 def register(tree: CommandTree) -> None:

@@ -140,12 +140,14 @@ class ThrowawayCluster:
         )
         os.close(reading)
 
-    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
         if self.run_as is not None:
             entry = pwd.getpwnam(self.run_as)
             kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-        env = {**os.environ, "HOME": str(self.root), "LC_ALL": "C.UTF-8"}
+        env = {**os.environ, "HOME": str(self.root), "LC_ALL": "C.UTF-8", **(env or {})}
         result = subprocess.run(
             [str(self.bindir / args[0]), *args[1:]],
             cwd=self.root,
@@ -185,6 +187,9 @@ class ThrowawayCluster:
             "--no-sync",
         )
         password_file.unlink()
+        return self._start_on_a_free_port()
+
+    def _start_on_a_free_port(self) -> URL:
         last_error: Exception | None = None
         for _ in range(3):
             self.port = free_port()
@@ -205,6 +210,27 @@ class ThrowawayCluster:
             }.items()
         )
         self._run("pg_ctl", action, "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, *extra)
+
+    def standby(self) -> ThrowawayCluster:
+        """A streaming standby of this running cluster: a copy made by `pg_basebackup -R` (which also writes
+        how to follow this one), started on a free port. Stop it with `stop` as any cluster."""
+        standby = ThrowawayCluster(self.bindir, self.settings)
+        standby._watch()
+        if standby.run_as is not None:
+            entry = pwd.getpwnam(standby.run_as)
+            os.chown(standby.root, entry.pw_uid, entry.pw_gid)
+        standby._run(
+            "pg_basebackup",
+            *("-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-D", str(standby.data)),
+            *("-R", "-X", "stream", "--checkpoint=fast", "--no-sync"),
+            env={"PGPASSWORD": SUPERUSER_PASSWORD},
+        )
+        standby._start_on_a_free_port()
+        return standby
+
+    def promote(self) -> None:
+        """Make this standby a primary, and wait until it accepts writes."""
+        self._run("pg_ctl", "promote", "-D", str(self.data), "-w", "-t", "60")
 
     def restart(self, mode: str = "fast") -> None:
         """Restart the server; `immediate` is a crash as far as clients can tell."""
