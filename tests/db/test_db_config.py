@@ -6,6 +6,7 @@ import logging
 from datetime import date
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -177,6 +178,20 @@ def test_password_with_url_metacharacters_round_trips_and_is_masked() -> None:
     assert SECRET not in config.safe_url and "***" in config.safe_url
     assert SECRET not in repr(config)
     assert "p@ss" not in repr(config)
+
+
+def test_a_url_naming_several_hosts_keeps_them_all_for_libpq_and_is_masked_as_any_url() -> None:
+    text = (
+        f"postgresql://agent:{quote(SECRET, safe='')}@/tasks?host=db-a:5432&host=db-b:5433"
+        "&target_session_attrs=read-write"
+    )
+    config = DatabaseConfig.load({}, env={"DATABASE_URL": text})
+    assert config.sqlalchemy_url.query["host"] == ("db-a:5432", "db-b:5433")
+    assert config.sqlalchemy_url.query["target_session_attrs"] == "read-write"
+    assert config.sqlalchemy_url.password == SECRET
+    for shown in (config.safe_url, repr(config)):
+        assert SECRET not in shown and quote(SECRET, safe="") not in shown
+    assert "host=db-a%3A5432&host=db-b%3A5433" in config.safe_url
 
 
 INVALID = [
