@@ -198,6 +198,10 @@ def cmd_tasks_stale(args: argparse.Namespace) -> int:
     return 0
 
 
+# On SQLite, pruning waits as long again after each batch, so that agents' writes waiting on the file get in.
+SQLITE_YIELD = 1.0
+
+
 def cmd_tasks_prune(args: argparse.Namespace) -> int:
     inheritance = load_inheritance_days(args.config)
     if args.older_than < inheritance and not args.ignore_inheritance:
@@ -221,7 +225,13 @@ def cmd_tasks_prune(args: argparse.Namespace) -> int:
     ) as bar:
         try:
             result = prune(
-                base_dir, retention, TaskRepository(connection), cutoff, batch_size=args.batch_size, progress=bar.update
+                base_dir,
+                retention,
+                TaskRepository(connection),
+                cutoff,
+                batch_size=args.batch_size,
+                progress=bar.update,
+                yield_to_writers=SQLITE_YIELD if connection.config.backend == "sqlite" else 0.0,
             )
         except KeyboardInterrupt:
             print(

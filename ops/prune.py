@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -132,9 +133,12 @@ def prune(
     *,
     batch_size: int = 200,
     progress: Callable[[int], None] | None = None,
+    yield_to_writers: float = 0.0,
 ) -> PruneResult:
     """Remove the finished tasks of before `cutoff` and their directories, `batch_size` at a time (each batch
-    one short transaction); first finish what an interrupted run left."""
+    one short transaction); first finish what an interrupted run left. `yield_to_writers`: after each batch,
+    wait that many times as long as it took, so that writers waiting for a lock get it (SQLite, whose waiting
+    writers only look again now and then, needs it; PostgreSQL queues them)."""
     folders = TaskFolders.scan(base_dir)
     result = PruneResult()
     _finish_leftovers(folders, repository, result)
@@ -143,9 +147,12 @@ def prune(
     after: PrunableTask | None = None
     while batch := retention.prunable(cutoff, after=after, limit=batch_size):
         after = batch[-1]
+        started = time.monotonic()
         _prune_batch(folders, retention, cutoff, batch, result)
         if progress is not None:
             progress(len(batch))
+        if yield_to_writers:
+            time.sleep(yield_to_writers * (time.monotonic() - started))
     return result
 
 

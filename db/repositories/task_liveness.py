@@ -141,7 +141,6 @@ class TaskLiveness:
             logger.warning("task %s had no sign of life for %s; marked failed", key, older_than)
         return failed
 
-
     def revive(self, uuid: str, stale_message: str) -> bool:
         """A task marked failed for want of a sign of life whose agent turns out alive: running again, the
         failure kept in its error message with the time it went on. Only while the row still holds that very
@@ -164,7 +163,9 @@ class TaskLiveness:
         )
         return bool(
             run_single_statement(
-                self._connection, lambda session: session.execute(revived).rowcount, "revive a task"  # type: ignore[attr-defined]
+                self._connection,
+                lambda session: session.execute(revived).rowcount,  # type: ignore[attr-defined]
+                "revive a task",
             )
         )
 

@@ -12,12 +12,30 @@ from sqlalchemy.orm import Session
 from db.connection import DatabaseConnection
 from db.models import FINISHED_STATUSES, Task, TaskHeartbeat, UsageBucket, bucket_start
 from db.models.types import UTCDateTime, canonical_uuid
-from db.unit_of_work import run_in_transaction, run_single_statement
+from db.unit_of_work import run_in_transaction, run_single_statement, run_statement
 
 TASKS: Table = Task.__table__  # type: ignore[assignment]
 HEARTBEATS: Table = TaskHeartbeat.__table__  # type: ignore[assignment]
 BUCKETS: Table = UsageBucket.__table__  # type: ignore[assignment]
 MAX_BATCH = 1000
+# Rows another transaction holds are skipped, not waited for; the buckets are computed from the epoch, so the
+# session's time zone cannot move them.
+PRUNE_POSTGRESQL = """
+WITH chosen AS (
+    SELECT uuid, "user", created_at, total_tokens FROM tasks
+    WHERE uuid = ANY(%(keys)s::uuid[]) AND status = ANY(%(finished)s) AND completed_at < %(cutoff)s
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM tasks WHERE uuid IN (SELECT uuid FROM chosen) RETURNING uuid
+), beats AS (
+    DELETE FROM task_heartbeats WHERE task_uuid IN (SELECT uuid FROM gone)
+)
+INSERT INTO token_usage_buckets ("user", bucket_start, tokens)
+SELECT "user", to_timestamp(floor(extract(epoch FROM created_at) / 900) * 900), sum(total_tokens)
+FROM chosen WHERE uuid IN (SELECT uuid FROM gone)
+GROUP BY 1, 2
+"""
+STILL_THERE_POSTGRESQL = "SELECT uuid::text FROM tasks WHERE uuid = ANY(%(keys)s::uuid[])"
 
 
 @dataclass(frozen=True)
@@ -90,9 +108,12 @@ class TaskRetention:
             .limit(limit)
         )
         if after is not None:
+            # The first condition starts the index scan where the last page ended (past the rows deleted since,
+            # which the index still holds until vacuumed); the second orders ties.
+            start = literal(after.created_at, UTCDateTime())
             statement = statement.where(
-                tuple_(TASKS.c.created_at, TASKS.c.uuid)
-                > tuple_(literal(after.created_at, UTCDateTime()), literal(after.uuid, TASKS.c.uuid.type))
+                TASKS.c.created_at >= start,
+                tuple_(TASKS.c.created_at, TASKS.c.uuid) > tuple_(start, literal(after.uuid, TASKS.c.uuid.type)),
             )
         rows = run_single_statement(
             self._connection, lambda session: session.execute(statement).all(), "list prunable tasks"
@@ -108,11 +129,11 @@ class TaskRetention:
             raise ValueError(f"at most {MAX_BATCH} tasks are pruned at once, got {len(keys)}")
         if not keys:
             return []
+        if self._connection.config.backend == "postgresql":
+            return self._prune_in_one_statement(keys, cutoff)
         chosen = select(TASKS.c.uuid, TASKS.c.user, TASKS.c.created_at, TASKS.c.total_tokens).where(
             TASKS.c.uuid.in_(keys), _past(cutoff)
         )
-        if self._connection.config.backend == "postgresql":
-            chosen = chosen.with_for_update(skip_locked=True)
 
         def work(session: Session) -> list[str]:
             rows = session.execute(chosen).all()
@@ -143,6 +164,16 @@ class TaskRetention:
             )
 
         return run_in_transaction(self._connection, work, "prune finished tasks", committed=committed)
+
+    def _prune_in_one_statement(self, keys: list[str], cutoff: datetime) -> list[str]:
+        """PostgreSQL: the whole batch as one statement that commits on its own. Sending it again is safe (a
+        task gone is not chosen again), so what was deleted is read afterwards, not from an answer that a
+        lost connection may have taken with it."""
+        parameters = {"keys": keys, "cutoff": cutoff, "finished": sorted(status.value for status in FINISHED_STATUSES)}
+        run_statement(self._connection, PRUNE_POSTGRESQL, parameters, "prune finished tasks")
+        left = run_statement(self._connection, STILL_THERE_POSTGRESQL, {"keys": keys}, "check a pruned batch")
+        remaining = {row[0] for row in left}
+        return [key for key in keys if key not in remaining]
 
 
 def _past(cutoff: datetime) -> ColumnElement[bool]:

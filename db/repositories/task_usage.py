@@ -225,8 +225,7 @@ def _local_day(at: Any, spans: list[tuple[datetime, int]], postgresql: bool) -> 
     if len(spans) == 1:
         return shifted(spans[0][1])
     whens = [
-        (at < literal(later, UTCDateTime()), shifted(seconds))
-        for (_, seconds), (later, _) in itertools.pairwise(spans)
+        (at < literal(later, UTCDateTime()), shifted(seconds)) for (_, seconds), (later, _) in itertools.pairwise(spans)
     ]
     return case(*whens, else_=shifted(spans[-1][1]))
 
