@@ -72,9 +72,7 @@ def raw_driver_prune(connection: DatabaseConnection, rows: int, batch_size: int)
     try:
         cursor = raw.cursor()
         while True:
-            cursor.execute(
-                f"SELECT uuid FROM tasks WHERE owner = 'raw' ORDER BY created_at, uuid LIMIT {batch_size}"
-            )
+            cursor.execute(f"SELECT uuid FROM tasks WHERE owner = 'raw' ORDER BY created_at, uuid LIMIT {batch_size}")
             keys = [row[0] for row in cursor.fetchall()]
             if not keys:
                 break

@@ -142,7 +142,9 @@ def agent_config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -
         with DatabaseConnection.initialize(
             DatabaseConfig(url=url.render_as_string(hide_password=False))
         ).engine.begin() as raw:
-            raw.exec_driver_sql("DROP TABLE IF EXISTS tasks, task_operations, task_heartbeats, token_usage_buckets, alembic_version")
+            raw.exec_driver_sql(
+                "DROP TABLE IF EXISTS tasks, task_operations, task_heartbeats, token_usage_buckets, alembic_version"
+            )
         DatabaseConnection.reset()
         database = {"url": url.render_as_string(hide_password=False)}
     yield {"context_storage": {"base_dir": str(tmp_path / "contexts")}, "llm": LLM, "database": database}

@@ -157,10 +157,20 @@ def test_metrics_agree_with_the_api_and_name_only_the_top_users(
 ) -> None:
     settings = DashboardSettings(clock=lambda: NOW, metrics_top_users=2)
     client = TestClient(create_app(DatabaseSource(lambda: reader), Access(), settings), base_url="http://127.0.0.1")
-    for user, tokens, status in (("ann", 500, "completed"), ("bob", 300, "failed"), ("cy", 20, "running"),
-                                 ("dee", 10, "completed"), (None, 5, "stopped")):
-        make_task(user=user, total_tokens=tokens, status=status, created_at=NOW - timedelta(days=1),
-                  started_at=NOW - timedelta(hours=3) if status == "running" else None)
+    for user, tokens, status in (
+        ("ann", 500, "completed"),
+        ("bob", 300, "failed"),
+        ("cy", 20, "running"),
+        ("dee", 10, "completed"),
+        (None, 5, "stopped"),
+    ):
+        make_task(
+            user=user,
+            total_tokens=tokens,
+            status=status,
+            created_at=NOW - timedelta(days=1),
+            started_at=NOW - timedelta(hours=3) if status == "running" else None,
+        )
     assert client.get("/api/tasks").status_code == 200  # a request of its own, counted below
     found = scrape(client)
     listed = ok(client, "/api/tasks", params={"limit": 1000})["tasks"]

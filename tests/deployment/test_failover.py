@@ -13,6 +13,8 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 
+from cli.serve import dashboard_source
+from dashboard import Access, DashboardSettings, create_app
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.schema import upgrade_schema
 from tests.support.workers import hammer
@@ -100,9 +102,5 @@ def test_agents_go_on_after_the_primary_dies_and_the_synchronous_standby_is_prom
 
 def read_from(url: str) -> TestClient:
     """The dashboard's app as `serve` builds it, configured with DASHBOARD_DATABASE_URL."""
-    from cli.serve import dashboard_source  # noqa: PLC0415
-    from dashboard import Access, DashboardSettings  # noqa: PLC0415
-    from dashboard.app import create_app  # noqa: PLC0415
-
     source = dashboard_source(None, {"DASHBOARD_DATABASE_URL": url})
     return TestClient(create_app(source, Access(token=None), DashboardSettings()))

@@ -71,7 +71,9 @@ def test_answers_lost_after_the_commit_are_sent_again_and_count_once(postgres_ur
     # Restarts cut few answers at the one instant that matters; this proxy cuts every 7th, after the commit.
     connection = DatabaseConnection.initialize(url_config(postgres_url))
     with connection.engine.begin() as raw:
-        raw.exec_driver_sql("DROP TABLE IF EXISTS alembic_version, tasks, task_operations, task_heartbeats, token_usage_buckets")
+        raw.exec_driver_sql(
+            "DROP TABLE IF EXISTS alembic_version, tasks, task_operations, task_heartbeats, token_usage_buckets"
+        )
     upgrade_schema(connection)
     DatabaseConnection.reset()
     server = (str(postgres_url.host), int(postgres_url.port or 5432))
