@@ -248,7 +248,7 @@ def cmd_tasks_prune(args: argparse.Namespace) -> int:
     )
     if result.skipped:
         print(f"kept {len(result.skipped)}:")
-        print_table(("uuid", "why"), [(uuid, printable(why)) for uuid, why in result.skipped])
+        _print_kept(result.skipped)
         return EXIT_ERROR
     return 0
 
@@ -279,9 +279,15 @@ def _print_plan(plan: PrunePlan, cutoff: datetime, base_dir: Path) -> int:
         )
     if plan.held_back:
         print(f"\nwould keep {kept}:")
-        print_table(("uuid", "why"), [(uuid, printable(why)) for uuid, why in plan.held_back])
+        _print_kept(plan.held_back)
     print("\nadd --yes to prune them")
     return 0
+
+
+def _print_kept(kept: list[tuple[str, str]], shown: int = 50) -> None:
+    print_table(("uuid", "why"), [(uuid, printable(why)) for uuid, why in kept[:shown]])
+    if len(kept) > shown:
+        print(f"... and {len(kept) - shown} more")
 
 
 def _size(count: int) -> str:
