@@ -87,6 +87,10 @@ def _create_engine(config: DatabaseConfig, read_only: bool) -> Engine:
             if read_only:
                 # A reader's every transaction is read-only: the server refuses a write, whatever the role may do.
                 bounds.append("-c default_transaction_read_only=on")
+                # libpq's read-write test asks the session, which this makes read-only on every host; a reader
+                # asked for the writable host is given the primary instead (the same server while all is well).
+                if url.query.get("target_session_attrs") == "read-write":
+                    url = url.update_query_dict({"target_session_attrs": "primary"})
             if bounds:
                 connect_args["options"] = " ".join(bounds)
         # No pre-ping: a connection the server dropped is retried once by the repository instead, which

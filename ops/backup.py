@@ -6,26 +6,29 @@ them), never through their command line, where other users of the machine could 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import psycopg2
 from sqlalchemy import Connection, delete, func, insert, select
+from sqlalchemy.exc import DBAPIError
 
-from db.connection import DatabaseConnection
+from db.connection import DatabaseConnection, describe_driver_error
 from db.errors import DatabaseError
 from db.models import Task, UsageBucket
 from db.schema import known_revisions, upgrade_schema
 from db.sqlite_backup import backup_engine_database, backup_path_for
 from db.unit_of_work import is_sqlite_busy
-from ops.migrate_data_source import DataMigrationError, TaskSource
+from ops.migrate_data_source import MAX_BUCKET_TOKENS, DataMigrationError, TaskSource
 from private_files import connect_sqlite, written_then_named
 
 # Rows a restore inserts per statement.
@@ -47,11 +50,14 @@ def find_pg_tool(name: str) -> str:
 
 
 def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
-    """The process environment plus PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE and SSL settings."""
+    """The process environment plus PGHOST, PGPORT (every host of a multi-host URL), PGTARGETSESSIONATTRS, PGUSER,
+    PGPASSWORD, PGDATABASE and SSL settings."""
     url = connection.config.sqlalchemy_url
+    hosts, ports = _hosts_and_ports(url.host, url.port, url.query.get("host"))
     settings = {
-        "PGHOST": url.host,
-        "PGPORT": str(url.port) if url.port else None,
+        "PGHOST": hosts,
+        "PGPORT": ports,
+        "PGTARGETSESSIONATTRS": url.query.get("target_session_attrs"),
         "PGUSER": url.username,
         "PGPASSWORD": url.password or url.query.get("password"),
         "PGDATABASE": url.database,
@@ -60,6 +66,18 @@ def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
         "PGCONNECT_TIMEOUT": str(connection.config.connect_timeout),
     }
     return {**os.environ, **{key: str(value) for key, value in settings.items() if value}}
+
+
+def _hosts_and_ports(host: str | None, port: int | None, listed: object) -> tuple[str | None, str | None]:
+    """PGHOST and PGPORT for a URL's host, or for the hosts its query lists (`?host=a:5432&host=b:5433`), as
+    libpq's comma-separated lists, so the tools reach the same servers as the agents."""
+    if not listed:
+        return host, str(port) if port else None
+    entries = [listed] if isinstance(listed, str) else list(listed)  # type: ignore[call-overload]
+    pairs = [
+        entry.rpartition(":") if ":" in entry and not entry.endswith("]") else (entry, "", "") for entry in entries
+    ]
+    return ",".join(name for name, _, _ in pairs), ",".join(number or "5432" for _, _, number in pairs)
 
 
 def _run_pg_tool(connection: DatabaseConnection, *args: str) -> str:
@@ -126,6 +144,10 @@ def restore_database(connection: DatabaseConnection, backup: Path) -> RestoreRes
     return result
 
 
+# The first schema revision that has the usage buckets table.
+BUCKETS_REVISION = 5
+
+
 def _known_revision(revision: object, backup: Path) -> str:
     if not isinstance(revision, str) or revision not in known_revisions():
         raise DatabaseError(
@@ -164,7 +186,14 @@ def _restore_sqlite(connection: DatabaseConnection, backup: Path) -> RestoreResu
         except DataMigrationError as exc:
             raise DatabaseError(f"{backup} cannot be restored: {exc}") from None
         expected = checked.rows - checked.merged
-        buckets = source.usage_buckets()
+        try:
+            buckets = source.usage_buckets()
+        except DataMigrationError as exc:
+            raise DatabaseError(f"{backup} cannot be restored: {exc}") from None
+        if buckets is None and int(revision) >= BUCKETS_REVISION:
+            raise DatabaseError(
+                f"{backup} is at revision {revision} but holds no usage buckets table: damaged; nothing was changed"
+            )
         upgrade_schema(connection)
         copy = None
         if _has_tasks(connection):
@@ -238,15 +267,22 @@ def _has_tasks(connection: DatabaseConnection) -> bool:
 
 def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> RestoreResult:
     listing = _run_pg_tool(connection, "pg_restore", "--list", "--", str(backup))
-    if not re.search(r"^\d+; \d+ \d+ TABLE DATA \S+ tasks ", listing, re.MULTILINE):
-        raise DatabaseError(f"{backup} holds no data of a tasks table; nothing was changed")
+    if len(_table_data(listing, "tasks")) != 1:
+        raise DatabaseError(f"{backup} holds no data of a tasks table in the public schema; nothing was changed")
     version_lines = _run_pg_tool(
         connection, "pg_restore", "--data-only", "--table=alembic_version", "--file=-", "--", str(backup)
     ).splitlines()
     header = next((index for index, line in enumerate(version_lines) if line.startswith("COPY ")), None)
     stored = version_lines[header + 1] if header is not None and header + 1 < len(version_lines) else None
     revision = _known_revision(None if stored in (None, "\\.") else stored, backup)
-    process = _start_pg_tool(connection, "pg_restore", "--data-only", "--table=tasks", "--file=-", "--", str(backup))
+    has_buckets = len(_table_data(listing, "token_usage_buckets")) == 1
+    if not has_buckets and int(revision) >= BUCKETS_REVISION:
+        raise DatabaseError(
+            f"{backup} is at revision {revision} but holds no usage buckets data: damaged; nothing was changed"
+        )
+    process = _start_pg_tool(
+        connection, "pg_restore", "--data-only", "--schema=public", "--table=tasks", "--file=-", "--", str(backup)
+    )
     assert process.stdout is not None and process.stderr is not None
     try:
         columns = _copy_header(process.stdout, backup)
@@ -259,7 +295,7 @@ def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> Restore
                 name = connection.config.sqlalchemy_url.database or "database"
                 copy = backup_database(connection, backup_path_for(backup.parent / f"{name}.dump", "before-restore"))
         data = _CopyData(process.stdout)
-        with connection.engine.connect() as conn, conn.begin() as transaction:
+        with _refused_as_damaged(backup), connection.engine.connect() as conn, conn.begin() as transaction:
             # The old rows stay visible to everyone else until the new ones are in and counted.
             conn.exec_driver_sql("DELETE FROM tasks")
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -272,7 +308,7 @@ def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> Restore
                 problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
                 raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
             conn.exec_driver_sql("DELETE FROM token_usage_buckets")
-            if re.search(r"^\d+; \d+ \d+ TABLE DATA \S+ token_usage_buckets ", listing, re.MULTILINE):
+            if has_buckets:
                 _restore_buckets_postgresql(connection, conn, cursor, backup)
     finally:
         process.kill()
@@ -286,7 +322,14 @@ def _restore_buckets_postgresql(connection: DatabaseConnection, conn: Connection
     """The backup's usage buckets into the transaction of the restore, checked as every source's are: through
     a table of the same columns, so that the server reads the text and only checked values reach the table."""
     process = _start_pg_tool(
-        connection, "pg_restore", "--data-only", "--table=token_usage_buckets", "--file=-", "--", str(backup)
+        connection,
+        "pg_restore",
+        "--data-only",
+        "--schema=public",
+        "--table=token_usage_buckets",
+        "--file=-",
+        "--",
+        str(backup),
     )
     assert process.stdout is not None and process.stderr is not None
     try:
@@ -301,13 +344,15 @@ def _restore_buckets_postgresql(connection: DatabaseConnection, conn: Connection
         if process.wait() != 0 or not data.finished:
             problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
             raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
-        bad = conn.exec_driver_sql(
-            "SELECT count(*) FROM restored_buckets WHERE tokens < 0 "
-            'OR mod(extract(epoch FROM bucket_start), 900) <> 0 OR length("user") > 255'
-        ).scalar_one()
-        if bad:
+        bad, total = conn.exec_driver_sql(
+            "SELECT count(*) FILTER (WHERE tokens < 0 OR mod(extract(epoch FROM bucket_start), 900) <> 0 "
+            "OR bucket_start < '1970-01-01+00' OR bucket_start >= '9999-01-01+00' OR length(\"user\") > 255), "
+            "coalesce(sum(tokens), 0) FROM restored_buckets"
+        ).one()
+        if bad or total > MAX_BUCKET_TOKENS:
             raise DatabaseError(
-                f"{backup} holds {bad} usage buckets that are not a quarter hour's tokens; nothing was changed"
+                f"{backup} holds usage buckets that cannot be restored ({bad} not a quarter hour since 1970 or not "
+                f"a count, {total:,} tokens in all); nothing was changed"
             )
         conn.exec_driver_sql(
             'INSERT INTO token_usage_buckets ("user", bucket_start, tokens) '
@@ -318,6 +363,21 @@ def _restore_buckets_postgresql(connection: DatabaseConnection, conn: Connection
         process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+@contextlib.contextmanager
+def _refused_as_damaged(backup: Path) -> Iterator[None]:
+    """A value the server refuses while the backup's rows go in (a type, a constraint): one line naming the file;
+    the transaction is rolled back, so nothing changed."""
+    try:
+        yield
+    except (DBAPIError, psycopg2.Error) as exc:
+        raise DatabaseError(f"{backup} cannot be restored: {describe_driver_error(exc)}; nothing was changed") from None
+
+
+def _table_data(listing: str, table: str) -> list[str]:
+    """The entries of pg_restore's listing that hold the data of `table` in the public schema."""
+    return re.findall(rf"^\d+; \d+ \d+ TABLE DATA public {table} ", listing, re.MULTILINE)
 
 
 def _copy_header(lines: IO[str], backup: Path) -> list[str]:

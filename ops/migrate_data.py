@@ -91,7 +91,7 @@ def migrate_data(
     tasks = TaskSource(source, leave_behind)
     try:
         checked = tasks.check()
-        buckets = tasks.usage_buckets()
+        buckets = tasks.usage_buckets() or {}
         database = target.config.sqlalchemy_url.database
         if target.config.backend == "sqlite" and database and database != ":memory:" and tasks.is_same_file(database):
             raise DataMigrationError(f"the source {tasks.path} is the configured database itself: nothing to copy")

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,13 @@ from db.unit_of_work import is_sqlite_busy
 from private_files import connect_sqlite
 
 BUCKETS = "token_usage_buckets"
-MAX_BUCKET_TOKENS = 2**63 - 1
+BUCKETS_KIND = "SELECT type FROM sqlite_master WHERE name = 'token_usage_buckets'"
+BUCKET_COLUMNS = ("id", "user", "bucket_start", "tokens")
+# All buckets together: a quarter of what a sum can hold, so that adding every task's tokens to them (each at
+# most 2**31 - 1) cannot overflow a 64-bit sum.
+MAX_BUCKET_TOKENS = 2**61
+EARLIEST_BUCKET = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_BUCKET = datetime(9999, 1, 1, tzinfo=UTC)
 REQUIRED = ("uuid", "task_source", "owner", "repo", "task_type", "task_id", "status", "created_at")
 STRINGS = (*LENGTHS, "error_message")
 
@@ -215,25 +221,40 @@ class TaskSource:
             return tuple(rows[0])
         return None
 
-    def usage_buckets(self) -> dict[tuple[str | None, datetime], int]:
-        """The tokens of the source's pruned tasks by user and bucket ({} for a file that has none), each value
-        checked; DataMigrationError naming the first that cannot be carried."""
+    def usage_buckets(self) -> dict[tuple[str | None, datetime], int] | None:
+        """The tokens of the source's pruned tasks by user and bucket (None for a file made before buckets), each
+        value checked, read a batch at a time; DataMigrationError naming the first that cannot be carried."""
         try:
-            if not inspect(self.engine).has_table(BUCKETS):
-                return {}
-            batches = list(self._query(f'SELECT "user", bucket_start, tokens FROM {BUCKETS}'))  # noqa: S608
+            kinds = [row[0] for rows in self._query(BUCKETS_KIND) for row in rows]
+            if not kinds:
+                return None
+            if kinds != ["table"]:
+                raise DataMigrationError(f"{self.path}: its {BUCKETS} is not a table; nothing was written")
+            columns = sorted(row[1] for rows in self._query(f"PRAGMA table_info({BUCKETS})") for row in rows)
+            if columns != sorted(BUCKET_COLUMNS):
+                raise DataMigrationError(
+                    f"{self.path}: its {BUCKETS} table has the columns {', '.join(columns)[:200]}, not "
+                    f"{', '.join(sorted(BUCKET_COLUMNS))}; nothing was written"
+                )
+            sums: dict[tuple[str | None, datetime], int] = {}
+            total = 0
+            for rows in self._query(f'SELECT "user", bucket_start, tokens FROM {BUCKETS}'):  # noqa: S608
+                for user, start, tokens in rows:
+                    key = (_bucket_user(user, self.path), _bucket_start(start, self.path))
+                    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= MAX_BUCKET_TOKENS:
+                        raise DataMigrationError(f"{self.path}: a usage bucket holds {str(tokens)[:40]!r} tokens")
+                    total += tokens
+                    if total > MAX_BUCKET_TOKENS:
+                        raise DataMigrationError(
+                            f"{self.path}: its usage buckets hold more than {MAX_BUCKET_TOKENS:,} tokens in all"
+                        )
+                    sums[key] = sums.get(key, 0) + tokens
+        except DataMigrationError:
+            raise
         except Exception as exc:
             if is_sqlite_busy(exc):
                 raise DataMigrationError(_BUSY.format(path=self.path)) from None
             raise DataMigrationError(f"{self.path}: its {BUCKETS} table cannot be read") from None
-        sums: dict[tuple[str | None, datetime], int] = {}
-        for user, start, tokens in (row for rows in batches for row in rows):
-            key = (_bucket_user(user, self.path), _bucket_start(start, self.path))
-            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-                raise DataMigrationError(f"{self.path}: a usage bucket holds {str(tokens)[:40]!r} tokens")
-            sums[key] = sums.get(key, 0) + tokens
-            if sums[key] > MAX_BUCKET_TOKENS:
-                raise DataMigrationError(f"{self.path}: a usage bucket holds more tokens than can be stored")
         return sums
 
     def rows(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
@@ -360,8 +381,9 @@ def _bucket_start(value: object, path: Path) -> datetime:
         moment = parse_stored_datetime(value) if isinstance(value, str) else None
     except ValueError:
         moment = None
-    if moment is None or bucket_start(moment) != moment:
-        raise DataMigrationError(f"{path}: a usage bucket starts at {str(value)[:40]!r}, not at a quarter hour")
+    if moment is None or bucket_start(moment) != moment or not EARLIEST_BUCKET <= moment < LATEST_BUCKET:
+        shown = str(value)[:40]
+        raise DataMigrationError(f"{path}: a usage bucket starts at {shown!r}, not at a quarter hour since 1970")
     return moment
 
 

@@ -181,3 +181,13 @@ def test_postgresql_start_up_and_check(tmp_path: Path, postgres_url: URL) -> Non
     check = run(tmp_path, "db", "check", **env)
     assert check.returncode == 0 and "pool_size=5 max_overflow=10" in check.stdout
     assert str(postgres_url.password) not in started.stdout + started.stderr + check.stdout + check.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["not a url with s3cret-pw", "oracle://u:s3cret-pw@h/d", "postgresql://u:s3cret-pw@h/d?sslmode=sometimes"],
+)
+def test_a_bad_dashboard_database_url_is_one_line_naming_it_and_never_its_password(tmp_path: Path, url: str) -> None:
+    result = run(tmp_path, "serve", "--port", "0", DASHBOARD_DATABASE_URL=url)
+    assert_one_line_error(result, "DASHBOARD_DATABASE_URL")
+    assert "s3cret-pw" not in result.stdout + result.stderr
