@@ -40,7 +40,8 @@ class TaskLock:
         make_private_dirs(self.path.parent)
         while True:
             try:
-                descriptor = open_private(self.path, os.O_RDWR)
+                # Never through a link: a lock file is a file of its own under locks/.
+                descriptor = open_private(self.path, os.O_RDWR | os.O_NOFOLLOW)
             except FileNotFoundError:
                 continue  # its holder removed it between our two opens: the name is free again
             try:

@@ -136,9 +136,9 @@ def _copy(
 ) -> None:
     with target.engine.connect() as connection, connection.begin() as transaction:
         postgresql = connection.dialect.name == "postgresql"
-        direct = postgresql and not report.dry_run and _table_is_empty(connection)
-        # In the copy's transaction: refused, or cut short, the tasks are not copied either.
+        # In the copy's transaction, before the tasks: refused, or cut short, the tasks are not copied either.
         report.usage_buckets = _carry_buckets(connection, buckets, str(tasks.path))
+        direct = postgresql and not report.dry_run and _table_is_empty(connection)
         try:
             if direct:
                 _copy_in(connection, "tasks", tasks.copy_chunks(batch_size), progress, batch_size)
@@ -177,11 +177,10 @@ def _copy(
 
 
 def _carry_buckets(connection: Connection, buckets: dict[tuple[str | None, datetime], int], source: str) -> int:
-    """Add the source's usage buckets (the tokens of its pruned tasks) to a target that has none; nothing to
-    a target that has these very sums already (the copy run again). Anything else is refused: adding to
-    other buckets could count a pruned task's tokens twice."""
-    if not buckets:
-        return 0
+    """The usage of pruned tasks, where a copy can bring it without counting a token twice: into a target that
+    has no task and no usage of its own yet, or nothing more into one that has exactly the source's (the copy
+    run again). A target that pruned tasks of its own is refused (the copy could bring them back beside their
+    usage), and so is a pruned source into a target that already holds tasks (it may hold the pruned ones)."""
     present = connection.execute(
         select(UsageBucket.user, UsageBucket.bucket_start, func.sum(UsageBucket.tokens)).group_by(
             UsageBucket.user, UsageBucket.bucket_start
@@ -191,9 +190,15 @@ def _carry_buckets(connection: Connection, buckets: dict[tuple[str | None, datet
         if {(user, start): int(tokens) for user, start, tokens in present} == buckets:
             return 0
         raise DataMigrationError(
-            f"{source} holds the usage of tasks pruned from it, and the target holds usage of pruned tasks of its "
-            "own: adding one to the other could count tokens twice, so nothing was copied. Copy into a target "
-            "that was never pruned"
+            "the target has pruned tasks of its own (tasks prune): a copy into it could bring them back and count "
+            "their tokens twice, so nothing was copied. Copy into a target that was never pruned, and prune after"
+        )
+    if not buckets:
+        return 0
+    if not _table_is_empty(connection):
+        raise DataMigrationError(
+            f"{source} has pruned tasks (tasks prune) and the target already holds tasks, which may be the pruned "
+            "ones: their tokens could count twice, so nothing was copied. Copy it into an empty database"
         )
     rows = [{"user": user, "bucket_start": start, "tokens": tokens} for (user, start), tokens in buckets.items()]
     for first in range(0, len(rows), 10_000):

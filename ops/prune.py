@@ -55,7 +55,9 @@ class TaskFolders:
         leftovers: list[str] = []
         for name in _names(base_dir / "completed"):
             if name.startswith(PRUNING) and _TASK_ENTRY.fullmatch(name.removeprefix(PRUNING)):
-                leftovers.append(name)
+                # Only a directory can be one that a prune set aside; anything else of that name is not ours.
+                if _is_directory(base_dir / "completed" / name):
+                    leftovers.append(name)
             elif (found := _TASK_ENTRY.fullmatch(name)) is not None:
                 completed.setdefault(found.group(1), []).append(name)
         running = frozenset(name for name in _names(base_dir / "running") if _TASK_ENTRY.fullmatch(name))
@@ -206,6 +208,8 @@ def _claim(
         lock.acquire()
     except TaskAlreadyRunningError:
         return "being worked on; kept"
+    except OSError as exc:
+        return f"locks/{uuid}.lock cannot be taken ({exc.strerror}); kept"
     # Checked again under the lock: an agent may have resumed it since the scan.
     if (folders.base_dir / "running" / uuid).exists() or folders.problem(uuid) is not None:
         lock.release()
@@ -232,19 +236,22 @@ def _finish_leftovers(folders: TaskFolders, repository: TaskRepository, result: 
         lock = TaskLock(folders.base_dir, uuid)
         try:
             lock.acquire()
-        except TaskAlreadyRunningError:
-            result.skipped.append((uuid, f"completed/{name} left by an interrupted prune: the task is being worked on"))
+        except (TaskAlreadyRunningError, OSError) as exc:
+            result.skipped.append((uuid, f"completed/{name} left by an interrupted prune, not finished now: {exc}"))
             continue
         try:
             aside = folders.completed_dir / name
             if repository.get_by_uuid(uuid) is None:
-                result.bytes += tree_bytes(aside)
+                size = tree_bytes(aside)
                 shutil.rmtree(aside)
+                result.bytes += size
                 result.leftovers_removed += 1
             elif (folders.completed_dir / original).exists():
                 result.skipped.append((uuid, f"completed/{name} cannot be put back: completed/{original} exists"))
             else:
                 os.rename(aside, folders.completed_dir / original)
+        except OSError as exc:
+            result.skipped.append((uuid, f"completed/{name} left by an interrupted prune, not finished now: {exc}"))
         finally:
             lock.release()
 
@@ -274,8 +281,14 @@ def _names(directory: Path) -> list[str]:
         return []
 
 
+def _is_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def tree_bytes(path: Path) -> int:
     """Bytes of the files under `path`, links counted as themselves and never followed."""
+    if not _is_directory(path):
+        return 0
     total = 0
     stack = [path]
     while stack:

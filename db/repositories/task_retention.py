@@ -24,6 +24,7 @@ PRUNE_POSTGRESQL = """
 WITH chosen AS (
     SELECT uuid, "user", created_at, total_tokens FROM tasks
     WHERE uuid = ANY(%(keys)s::uuid[]) AND status = ANY(%(finished)s) AND completed_at < %(cutoff)s
+      AND created_at < %(cutoff)s
     FOR UPDATE SKIP LOCKED
 ), gone AS (
     DELETE FROM tasks WHERE uuid IN (SELECT uuid FROM chosen) RETURNING uuid
@@ -103,7 +104,7 @@ class TaskRetention:
             raise ValueError(f"limit must be an integer in 1..{MAX_BATCH}, got {limit!r}")
         statement = (
             select(TASKS.c.uuid, TASKS.c.status, TASKS.c.created_at, TASKS.c.completed_at, TASKS.c.total_tokens)
-            .where(TASKS.c.created_at < literal(cutoff, UTCDateTime()), _past(cutoff))
+            .where(_past(cutoff))
             .order_by(TASKS.c.created_at, TASKS.c.uuid)
             .limit(limit)
         )
@@ -177,5 +178,8 @@ class TaskRetention:
 
 
 def _past(cutoff: datetime) -> ColumnElement[bool]:
+    """Finished before `cutoff`, and created before it too: the `created_at` index finds them, and a row whose
+    clock put its creation after its finish is kept rather than missed by one listing and counted by another."""
     finished = sorted(status.value for status in FINISHED_STATUSES)
-    return and_(TASKS.c.status.in_(finished), TASKS.c.completed_at < literal(cutoff, UTCDateTime()))
+    moment = literal(cutoff, UTCDateTime())
+    return and_(TASKS.c.status.in_(finished), TASKS.c.completed_at < moment, TASKS.c.created_at < moment)

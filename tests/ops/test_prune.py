@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.metadata_file import load_metadata, write_metadata
 from context_storage.task_lock import TaskLock
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository, TaskRetention, TaskUsageQuery
+from db.models import UsageBucket
 from db.schema import upgrade_schema
 from db.startup import start_database
 from ops.backup import backup_database, restore_database
@@ -236,10 +237,44 @@ def test_migrate_data_carries_the_usage_of_pruned_tasks_once_and_refuses_to_add_
     again = migrate_data(str(source_path), connection)  # run again: nothing added twice
     assert again.copied == 0 and again.usage_buckets == 0
     assert TaskUsageQuery(connection).per_user() == expected
-    # A target with usage of its own pruned tasks: refused whole, its tasks untouched.
-    old_finished(connection, 1, "cy", 9)
+    # A target that pruned tasks of its own (here: the copied ones): a copy could bring them back beside their
+    # usage. Refused whole, its tasks untouched.
+    with DatabaseConnection.get_instance().engine.begin() as raw:
+        raw.execute(update(Task).values(completed_at=LONG_AGO))
     prune_all(connection)
     before = (TaskUsageQuery(connection).per_user(), rows())
-    with pytest.raises(DataMigrationError, match="could count tokens twice"):
+    with pytest.raises(DataMigrationError, match="twice"):
         migrate_data(str(source_path), connection, overwrite=True)
     assert (TaskUsageQuery(connection).per_user(), rows()) == before
+    # A pruned source into a target that holds tasks (perhaps the pruned ones): refused as well.
+    with DatabaseConnection.get_instance().engine.begin() as raw:
+        raw.execute(delete(UsageBucket))
+    old_finished(connection, 1, "cy", 9)
+    with pytest.raises(DataMigrationError, match="twice"):
+        migrate_data(str(source_path), connection)
+
+
+def test_stray_links_and_files_in_the_tree_are_kept_and_stop_nothing_else(
+    agent_config: dict[str, Any], tmp_path: Path
+) -> None:
+    base = Path(agent_config["context_storage"]["base_dir"])
+    completed, locks = base / "completed", base / "locks"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the task's")
+    dangling, directory, linked_out, healthy = (finished_task(agent_config, number, 5) for number in range(1, 5))
+    locks.mkdir(exist_ok=True)
+    (locks / f"{dangling}.lock").symlink_to(tmp_path / "nowhere")
+    (locks / f"{directory}.lock").mkdir()
+    (locks / f"{linked_out}.lock").symlink_to(outside / "keep.txt")
+    # Names only a prune gives, but not what a prune makes: a link out of the tree and a file.
+    (completed / f"{PRUNING}{uuid.uuid4()}").symlink_to(outside)
+    (completed / f"{PRUNING}{uuid.uuid4()}").write_text("a file")
+    cutoff = datetime.now(UTC) - timedelta(days=100)
+    result = prune(base, TaskRetention(), TaskRepository(), cutoff, batch_size=2)
+    assert result.tasks == 1 and not (completed / healthy).exists()
+    assert {uuid for uuid, _ in result.skipped} == {dangling, directory, linked_out}
+    assert rows() >= {dangling, directory, linked_out}
+    assert all((completed / key).is_dir() for key in (dangling, directory, linked_out))
+    assert sorted(path.name for path in outside.iterdir()) == ["keep.txt"]
+    assert (outside / "keep.txt").read_text() == "not the task's"
