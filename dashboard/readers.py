@@ -199,8 +199,9 @@ class DashboardReader:
 
         if user is not None:  # one user's tasks, found by index: always computed afresh
             as_of, points = compute()
-            # A user without a token in these days may have no task at all: only then is that looked up.
-            if not any(tokens for _, tokens in points) and not self._tasks.list_tasks(user=user, limit=1):
+            # A user without a token in these days may have no task at all: only then is that looked up, among
+            # the tasks and the usage of pruned ones.
+            if not any(tokens for _, tokens in points) and not self._usage.per_user(zone=zone, user=user):
                 raise NotFoundError(f"no tasks of user {user!r}")
         else:
             (as_of, points), _ = self._sums.get(("daily", days, zone), compute)

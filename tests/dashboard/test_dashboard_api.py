@@ -35,7 +35,7 @@ from dashboard import Access, DashboardAccessError, DashboardSettings, DatabaseS
 from dashboard.access import SESSION_COOKIE
 from dashboard.server import bind, url_of
 from dashboard.sign_in import FREE_FAILURES, Sessions
-from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository
+from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository, TaskRetention
 from db.errors import DatabaseError
 from db.models import TaskHeartbeat
 from db.repositories.task_repository import MAX_PAGE
@@ -931,3 +931,16 @@ def test_sign_in_attempts_sent_at_once_are_counted_one_after_another(reader: Dat
 
     answers = asyncio.run(guesses_at_once())
     assert answers.count(401) == FREE_FAILURES and answers.count(429) == 40 - FREE_FAILURES
+
+
+def test_a_user_whose_tasks_were_all_pruned_keeps_a_usage_page_and_history(
+    client: TestClient, connection: DatabaseConnection, make_task: Callable[..., Task]
+) -> None:
+    long_ago = NOW - timedelta(days=200)
+    task = make_task(user="carol", total_tokens=50, status="completed", created_at=long_ago, completed_at=long_ago)
+    before = [client.get(path) for path in ("/api/token-usage/carol/history?days=30", "/usage?user=carol")]
+    assert TaskRetention(connection).prune([task.uuid], NOW - timedelta(days=100)) == [task.uuid]
+    after = [client.get(path) for path in ("/api/token-usage/carol/history?days=30", "/usage?user=carol")]
+    assert [response.status_code for response in after] == [response.status_code for response in before] == [200, 200]
+    assert after[0].json() == before[0].json()
+    assert client.get("/api/token-usage/carol").json()["total"] == 50
