@@ -347,6 +347,9 @@ def _yaml_position(exc: yaml.YAMLError) -> str:
     return where + what
 
 
+SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg2")
+
+
 def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: str | None = None) -> URL:
     # make_url's own ValueError can quote pieces of the password: never chain or repeat it.
     try:
@@ -365,6 +368,11 @@ def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: s
         raise DatabaseConfigError(
             f"{label}: unknown database type {url.drivername!r}; use sqlite:///PATH or postgresql://..."
         ) from None
+    if url.get_backend_name() not in ("sqlite", "postgresql") or url.drivername not in SUPPORTED_DRIVERS:
+        raise DatabaseConfigError(
+            f"{label}: unsupported database type {url.drivername!r}; use sqlite:///PATH or postgresql://..."
+        )
+    _check_ports(url, label)
     query_sslmode = url.query.get("sslmode")
     if isinstance(query_sslmode, str) and query_sslmode not in SSL_MODES:
         raise DatabaseConfigError(f"{label}: unknown sslmode {query_sslmode!r}; allowed: {', '.join(SSL_MODES)}")
@@ -372,6 +380,23 @@ def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: s
         extra = {key: value for key, value in (("sslmode", sslmode), ("sslrootcert", sslrootcert)) if value}
         url = url.update_query_dict({key: value for key, value in extra.items() if key not in url.query})
     return url
+
+
+def _check_ports(url: URL, label: str) -> None:
+    """The URL's port, and those of the hosts and ports its query lists, are TCP ports (1..65535)."""
+    ports: list[object] = [url.port] if url.port is not None else []
+    for key in ("host", "port"):
+        values = url.query.get(key) or ()
+        for value in (values,) if isinstance(values, str) else values:
+            text = value.rpartition(":")[2] if key == "host" and ":" in value and not value.endswith("]") else value
+            if key == "port" or text != value:
+                ports.extend(text.split(","))
+    for port in ports:
+        number = (
+            int(port) if isinstance(port, int) or (isinstance(port, str) and port.isascii() and port.isdigit()) else 0
+        )
+        if not 1 <= number <= 65535:
+            raise DatabaseConfigError(f"{label}: a port must be a number in 1..65535, got {str(port)[:16]!r}")
 
 
 def mask_url(url: URL) -> str:

@@ -185,7 +185,16 @@ def test_postgresql_start_up_and_check(tmp_path: Path, postgres_url: URL) -> Non
 
 @pytest.mark.parametrize(
     "url",
-    ["not a url with s3cret-pw", "oracle://u:s3cret-pw@h/d", "postgresql://u:s3cret-pw@h/d?sslmode=sometimes"],
+    [
+        "not a url with s3cret-pw",
+        "oracle://u:s3cret-pw@h/d",
+        "mysql://u:s3cret-pw@h/d",
+        "postgresql+asyncpg://u:s3cret-pw@h/d",
+        "postgresql://u:s3cret-pw@h/d?sslmode=sometimes",
+        "postgresql://u:s3cret-pw@h:99999/d",
+        "postgresql://u:s3cret-pw@/d?host=a:5432&host=b:x",
+        "postgresql://u:s3cret-pw@h/d?port=x",
+    ],
 )
 def test_a_bad_dashboard_database_url_is_one_line_naming_it_and_never_its_password(tmp_path: Path, url: str) -> None:
     result = run(tmp_path, "serve", "--port", "0", DASHBOARD_DATABASE_URL=url)
