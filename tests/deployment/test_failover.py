@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from cli.serve import dashboard_source
 from dashboard import Access, DashboardSettings, create_app
 from db import DatabaseConfig, DatabaseConnection, TaskRepository
 from db.schema import upgrade_schema
+from ops.backup import backup_database, find_pg_tool
 from tests.support.workers import hammer
 from tools.postgres_server import SUPERUSER, SUPERUSER_PASSWORD, PostgresServer, ThrowawayCluster
 
@@ -75,6 +77,9 @@ def test_agents_go_on_after_the_primary_dies_and_the_synchronous_standby_is_prom
         standby_url = standby.url.set(database="failover").render_as_string(hide_password=False)
         assert read_from(standby_url).get("/api/tasks").json()["tasks"], "the standby shows the agents' tasks"
         DatabaseConnection.reset()
+        # A reader given the agents' URL, which asks for the writable host, reads from the primary.
+        assert read_from(url).get("/api/tasks").json()["tasks"]
+        DatabaseConnection.reset()
         primary.shutdown("immediate")  # the primary's host dies
         died = time.time()
         time.sleep(1.0)
@@ -98,6 +103,11 @@ def test_agents_go_on_after_the_primary_dies_and_the_synchronous_standby_is_prom
             assert task is not None, f"task {key} was reported created but is not on the promoted server"
             assert (task.llm_call_count, task.total_tokens) == (count, 3 * count), key
     assert sum(sum(result["successes"].values()) for result in results) > 100
+    # The operators' tools reach the promoted server through the same URL, its dead first host skipped.
+    backup = backup_database(DatabaseConnection.get_instance(), tmp_path / "after-failover.dump")
+    assert "TABLE DATA public tasks" in subprocess.run(
+        [find_pg_tool("pg_restore"), "--list", str(backup)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def read_from(url: str) -> TestClient:
