@@ -49,35 +49,42 @@ FROM n
 """
 
 
-def fill(connection: DatabaseConnection, rows: int, owner: str) -> None:
+def fill(connection: DatabaseConnection, rows: int, owner: str, old: datetime = OLD) -> None:
     raw = connection.engine.raw_connection()
     try:
         cursor = raw.cursor()
         if connection.config.backend == "postgresql":
-            cursor.execute(FILL_POSTGRESQL, {"old": OLD, "rows": rows, "owner": owner})
+            cursor.execute(FILL_POSTGRESQL, {"old": old, "rows": rows, "owner": owner})
         else:
-            text = OLD.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
-            cursor.execute(FILL_SQLITE, (rows, owner, OLD.strftime("%Y-%m-%d %H:%M:%S"), text, text))
+            text = old.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+            cursor.execute(FILL_SQLITE, (rows, owner, old.strftime("%Y-%m-%d %H:%M:%S"), text, text))
         raw.commit()
     finally:
         raw.close()
 
 
 def raw_driver_prune(connection: DatabaseConnection, rows: int, batch_size: int) -> float:
-    """Rows per second of the raw driver deleting the rows owned by `raw`, oldest first, in batches of the same
-    size, from the same table with the same indexes (and the same agents writing meanwhile)."""
+    """Rows per second of the raw driver deleting the `rows` oldest finished rows (written older than the others),
+    in batches of the same size, from the same table with the same indexes (and the same agents writing)."""
     raw = connection.engine.raw_connection()
     mark = "%s" if connection.config.backend == "postgresql" else "?"
+    cutoff = CUTOFF if connection.config.backend == "postgresql" else CUTOFF.strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    deleted = 0
     started = time.perf_counter()
     try:
         cursor = raw.cursor()
-        while True:
-            cursor.execute(f"SELECT uuid FROM tasks WHERE owner = 'raw' ORDER BY created_at, uuid LIMIT {batch_size}")
+        while deleted < rows:
+            cursor.execute(
+                "SELECT uuid FROM tasks WHERE status IN ('completed', 'failed', 'stopped') "
+                f"AND completed_at < {mark} ORDER BY created_at, uuid LIMIT {batch_size}",
+                (cutoff,),
+            )
             keys = [row[0] for row in cursor.fetchall()]
             if not keys:
                 break
             cursor.execute(f"DELETE FROM tasks WHERE uuid IN ({', '.join([mark] * len(keys))})", keys)
             raw.commit()
+            deleted += len(keys)
     finally:
         raw.close()
     return rows / (time.perf_counter() - started)
@@ -146,7 +153,7 @@ def main() -> None:
         started = time.perf_counter()
         fill(connection, args.rows, "acme")
         raw_rows = max(args.rows // 10, args.batch_size)
-        fill(connection, raw_rows, "raw")
+        fill(connection, raw_rows, "raw", OLD - timedelta(days=60))
         print(
             f"{args.backend}: {args.rows + raw_rows:,} finished tasks written in {time.perf_counter() - started:.1f}s"
         )
