@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 # Where the dashboard reads, when not from the agents' database.
 DASHBOARD_URL_VARIABLE = "DASHBOARD_DATABASE_URL"
+DASHBOARD_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg2")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -60,6 +61,11 @@ def dashboard_source(config_file: str | None, env: Mapping[str, str]) -> Databas
         if not url:
             raise
         raise DatabaseConfigError(f"{DASHBOARD_URL_VARIABLE} (read as DATABASE_URL): {exc}") from None
+    if config.sqlalchemy_url.drivername not in DASHBOARD_DRIVERS:
+        where = DASHBOARD_URL_VARIABLE if url else "DATABASE_URL"
+        raise DatabaseConfigError(
+            f"{where}: the dashboard reads SQLite or PostgreSQL (psycopg2), not {config.sqlalchemy_url.drivername!r}"
+        )
     on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
     sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
 

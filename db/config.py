@@ -347,9 +347,6 @@ def _yaml_position(exc: yaml.YAMLError) -> str:
     return where + what
 
 
-SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg2")
-
-
 def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: str | None = None) -> URL:
     # make_url's own ValueError can quote pieces of the password: never chain or repeat it.
     try:
@@ -368,10 +365,6 @@ def _parse_url(text: str, label: str, sslmode: str | None = None, sslrootcert: s
         raise DatabaseConfigError(
             f"{label}: unknown database type {url.drivername!r}; use sqlite:///PATH or postgresql://..."
         ) from None
-    if url.get_backend_name() not in ("sqlite", "postgresql") or url.drivername not in SUPPORTED_DRIVERS:
-        raise DatabaseConfigError(
-            f"{label}: unsupported database type {url.drivername!r}; use sqlite:///PATH or postgresql://..."
-        )
     _check_ports(url, label)
     query_sslmode = url.query.get("sslmode")
     if isinstance(query_sslmode, str) and query_sslmode not in SSL_MODES:
