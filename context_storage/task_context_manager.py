@@ -45,6 +45,8 @@ START_AGAIN_AFTER_SECONDS = 60.0
 # A live manager shows a sign of life this often (context_storage.heartbeat), also while its agent waits.
 HEARTBEAT_SECONDS = 60
 FINISHED = ("completed", "failed", "stopped")
+# A finished task's directory is renamed with this prefix while `tasks prune` removes its row (ops/prune.py).
+PRUNING = ".pruning-"
 
 
 class TaskContextManager:
@@ -110,6 +112,10 @@ class TaskContextManager:
 
     def _start(self) -> None:
         finished_dir = self.completed_dir / self.uuid
+        set_aside = self.completed_dir / f"{PRUNING}{self.uuid}"
+        if not finished_dir.exists() and set_aside.is_dir() and not set_aside.is_symlink():
+            # A prune that failed before it knew whether the row went left the directory under this name.
+            finished_dir = set_aside
         brought_back = self.is_resumed and not self.context_dir.exists() and finished_dir.exists()
         if brought_back:
             shutil.move(finished_dir, self.context_dir)

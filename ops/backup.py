@@ -53,10 +53,11 @@ def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
     """The process environment plus PGHOST, PGPORT (every host of a multi-host URL), PGTARGETSESSIONATTRS, PGUSER,
     PGPASSWORD, PGDATABASE and SSL settings."""
     url = connection.config.sqlalchemy_url
-    hosts, ports = _hosts_and_ports(url.host, url.port, url.query.get("host"))
+    # Exactly the hosts and ports the agents' driver is given (a multi-host URL's as libpq's comma lists).
+    _, given = url.get_dialect()().create_connect_args(url)
     settings = {
-        "PGHOST": hosts,
-        "PGPORT": ports,
+        "PGHOST": given.get("host"),
+        "PGPORT": given.get("port"),
         "PGTARGETSESSIONATTRS": url.query.get("target_session_attrs"),
         "PGUSER": url.username,
         "PGPASSWORD": url.password or url.query.get("password"),
@@ -66,18 +67,6 @@ def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
         "PGCONNECT_TIMEOUT": str(connection.config.connect_timeout),
     }
     return {**os.environ, **{key: str(value) for key, value in settings.items() if value}}
-
-
-def _hosts_and_ports(host: str | None, port: int | None, listed: object) -> tuple[str | None, str | None]:
-    """PGHOST and PGPORT for a URL's host, or for the hosts its query lists (`?host=a:5432&host=b:5433`), as
-    libpq's comma-separated lists, so the tools reach the same servers as the agents."""
-    if not listed:
-        return host, str(port) if port else None
-    entries = [listed] if isinstance(listed, str) else list(listed)  # type: ignore[call-overload]
-    pairs = [
-        entry.rpartition(":") if ":" in entry and not entry.endswith("]") else (entry, "", "") for entry in entries
-    ]
-    return ",".join(name for name, _, _ in pairs), ",".join(number or "5432" for _, _, number in pairs)
 
 
 def _run_pg_tool(connection: DatabaseConnection, *args: str) -> str:

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Column, Connection, MetaData, Table, func, insert, select
+from sqlalchemy import Column, Connection, MetaData, Table, insert, select
 
 from db.connection import DatabaseConnection
 from db.legacy_rows import COLUMNS, DATETIMES, INTEGERS
@@ -158,6 +158,7 @@ def _copy(
         report.source_rows = source.rows
         # The copy itself first: what arrived in the target's types must be what the source holds.
         report.differences = source.differences(_aggregates(connection, "tasks" if direct else STAGING))
+        _refuse_if_pruned_meanwhile(tasks, buckets)
         if not direct:
             present, kept = _mark_kept(connection, merge)
             report.kept_newer = kept
@@ -176,22 +177,25 @@ def _copy(
             transaction.rollback()
 
 
-def _carry_buckets(connection: Connection, buckets: dict[tuple[str | None, datetime], int], source: str) -> int:
-    """The usage of pruned tasks, where a copy can bring it without counting a token twice: into a target that
-    has no task and no usage of its own yet, or nothing more into one that has exactly the source's (the copy
-    run again). A target that pruned tasks of its own is refused (the copy could bring them back beside their
-    usage), and so is a pruned source into a target that already holds tasks (it may hold the pruned ones)."""
-    present = connection.execute(
-        select(UsageBucket.user, UsageBucket.bucket_start, func.sum(UsageBucket.tokens)).group_by(
-            UsageBucket.user, UsageBucket.bucket_start
-        )
-    ).all()
-    if present:
-        if {(user, start): int(tokens) for user, start, tokens in present} == buckets:
-            return 0
+def _refuse_if_pruned_meanwhile(tasks: TaskSource, buckets: dict[tuple[str | None, datetime], int]) -> None:
+    """The buckets read first must still be the source's: pruned meanwhile, the tasks read may miss some whose
+    usage the buckets read did not hold yet."""
+    if (tasks.usage_buckets() or {}) != buckets:
         raise DataMigrationError(
-            "the target has pruned tasks of its own (tasks prune): a copy into it could bring them back and count "
-            "their tokens twice, so nothing was copied. Copy into a target that was never pruned, and prune after"
+            f"{tasks.path} was pruned while it was being copied; nothing was copied. Copy it while nothing prunes it"
+        )
+
+
+def _carry_buckets(connection: Connection, buckets: dict[tuple[str | None, datetime], int], source: str) -> int:
+    """The usage of pruned tasks, only where a copy cannot count a token twice: into a target that has no task
+    and no usage of pruned tasks. Buckets hold sums, not tasks, so nothing tells which tasks a target's buckets
+    stand for: a target with buckets is refused (the copy could bring back tasks it pruned, beside their
+    usage), and so is a pruned source into a target that holds tasks (they may be ones the source pruned)."""
+    if connection.execute(select(UsageBucket.id).limit(1)).first() is not None:
+        raise DataMigrationError(
+            "the target holds usage of pruned tasks (tasks prune): a copy into it could bring pruned tasks back "
+            "and count their tokens twice, so nothing was copied. Copy into a database that was never pruned, "
+            "and prune after"
         )
     if not buckets:
         return 0
@@ -207,7 +211,7 @@ def _carry_buckets(connection: Connection, buckets: dict[tuple[str | None, datet
 
 
 def _table_is_empty(connection: Connection) -> bool:
-    return connection.exec_driver_sql("SELECT NOT EXISTS (SELECT 1 FROM tasks)").scalar_one() is True
+    return bool(connection.exec_driver_sql("SELECT NOT EXISTS (SELECT 1 FROM tasks)").scalar_one())
 
 
 def _create_staging(connection: Connection) -> None:

@@ -39,7 +39,7 @@ from db.unit_of_work import is_sqlite_busy
 from private_files import connect_sqlite
 
 BUCKETS = "token_usage_buckets"
-BUCKETS_KIND = "SELECT type FROM sqlite_master WHERE name = 'token_usage_buckets'"
+BUCKETS_KIND = "SELECT type FROM sqlite_master WHERE lower(name) = 'token_usage_buckets'"
 BUCKET_COLUMNS = ("id", "user", "bucket_start", "tokens")
 # All buckets together: a quarter of what a sum can hold, so that adding every task's tokens to them (each at
 # most 2**31 - 1) cannot overflow a 64-bit sum.

@@ -18,11 +18,11 @@ from datetime import datetime
 from pathlib import Path
 
 from context_storage.metadata_file import DamagedMetadataError, load_metadata
+from context_storage.task_context_manager import PRUNING
 from context_storage.task_lock import TaskAlreadyRunningError, TaskLock
 from db.repositories.task_repository import TaskRepository
 from db.repositories.task_retention import MAX_BATCH, PrunableTask, PruneSummary, TaskRetention
 
-PRUNING = ".pruning-"
 # completed/<uuid>, or completed/<uuid>-<UTC time> for a run finished while completed/<uuid> existed.
 _TASK_ENTRY = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(-\d{8}T\d{6}\d*Z)?")
 AREAS = ("running", "completed", "locks")
@@ -173,30 +173,40 @@ def _prune_batch(
                 result.skipped.append((task.uuid, problem))
                 continue
             ready.append(task.uuid)
+        # Should this fail (the database, Ctrl-C), whether the batch went is not known: its directories keep
+        # their `.pruning-` names, which the next prune settles by their rows, and an agent resuming such a
+        # task takes its directory back from.
         deleted = set(retention.prune(ready, cutoff)) if ready else set()
         result.tasks += len(deleted)
         for uuid in ready:
             if uuid not in deleted:
                 result.skipped.append((uuid, "changed meanwhile (resumed, or held by another transaction); kept"))
         for uuid, (_, names) in claimed.items():
-            for name in names:
+            for name in names if uuid in deleted else ():
                 aside = folders.completed_dir / f"{PRUNING}{name}"
-                if uuid in deleted:
-                    size = tree_bytes(aside)
-                    try:
-                        shutil.rmtree(aside)
-                    except OSError as exc:
-                        result.skipped.append(
-                            (uuid, f"row pruned, completed/{aside.name} not removed ({exc}); the next prune removes it")
-                        )
-                        continue
-                    result.bytes += size
-                    result.directories += 1
-                else:
-                    os.rename(aside, folders.completed_dir / name)
+                size = tree_bytes(aside)
+                try:
+                    shutil.rmtree(aside)
+                except OSError as exc:
+                    result.skipped.append(
+                        (uuid, f"row pruned, completed/{aside.name} not removed ({exc}); the next prune removes it")
+                    )
+                    continue
+                result.bytes += size
+                result.directories += 1
+        _put_back(folders, {uuid: claim for uuid, claim in claimed.items() if uuid not in deleted}, result)
     finally:
         for lock, _ in claimed.values():
             lock.release()
+
+
+def _put_back(folders: TaskFolders, claimed: dict[str, tuple[TaskLock, list[str]]], result: PruneResult) -> None:
+    for uuid, (_, names) in claimed.items():
+        for name in names:
+            try:
+                os.rename(folders.completed_dir / f"{PRUNING}{name}", folders.completed_dir / name)
+            except OSError as exc:
+                result.skipped.append((uuid, f"completed/{PRUNING}{name} not put back ({exc}); the next prune does"))
 
 
 def _claim(
@@ -214,6 +224,10 @@ def _claim(
     if (folders.base_dir / "running" / uuid).exists() or folders.problem(uuid) is not None:
         lock.release()
         return "resumed or changed meanwhile; kept"
+    taken = [name for name in names if os.path.lexists(folders.completed_dir / f"{PRUNING}{name}")]
+    if taken:
+        lock.release()
+        return f"completed/{PRUNING}{taken[0]} exists already (left by a prune?); kept"
     moved: list[str] = []
     try:
         for name in names:

@@ -15,6 +15,7 @@ from sqlalchemy import delete, insert, select, update
 
 from context_storage import GitHubIssueTaskKey, TaskContextManager
 from context_storage.metadata_file import load_metadata, write_metadata
+from context_storage.task_context_manager import PRUNING
 from context_storage.task_lock import TaskLock
 from db import DatabaseConfig, DatabaseConnection, Task, TaskRepository, TaskRetention, TaskUsageQuery
 from db.models import UsageBucket
@@ -22,7 +23,7 @@ from db.schema import upgrade_schema
 from db.startup import start_database
 from ops.backup import backup_database, restore_database
 from ops.migrate_data import DataMigrationError, migrate_data
-from ops.prune import PRUNING, plan_prune, prune
+from ops.prune import plan_prune, prune
 from tests.support.cli import run_here
 from tests.support.data import task_data
 
@@ -36,6 +37,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 def finished_task(config: dict[str, Any], number: int, tokens: int, how: str = "complete", old: bool = True) -> str:
     manager = TaskContextManager(GitHubIssueTaskKey("acme", "web", number), str(uuid.uuid4()), config, user="ann")
+    manager.get_message_store().add_message("user", f"issue {number}")
     manager.update_statistics(llm_calls=1, tokens=tokens)
     getattr(manager, how)(*(("it broke",) if how == "fail" else ()))
     if old:
@@ -170,13 +172,20 @@ def test_an_interrupted_prune_is_finished_by_the_next_and_no_directory_outlives_
         prune(base, _Interrupted(after_commit), repository, cutoff, batch_size=2)
     left_aside = [path.name for path in (base / "completed").iterdir() if path.name.startswith(PRUNING)]
     assert len(left_aside) == 2
+    if not after_commit:
+        # An agent resuming a task set aside while its row remains takes its directory back, files and all.
+        key = left_aside[0].removeprefix(PRUNING)
+        resumed = TaskContextManager(GitHubIssueTaskKey("acme", "web", 99), key, agent_config, is_resumed=True)
+        assert resumed.get_message_store().count_messages() > 0
+        resumed.stop()
+        old.remove(key)
     # Set aside or not, every directory's row is still there, or its directory is on its way out.
     assert TaskUsageQuery().per_user() == usage_before
-    assert plan_prune(base, TaskRetention(), cutoff).leftovers == 2
+    assert plan_prune(base, TaskRetention(), cutoff).leftovers == (2 if after_commit else 1)
     result = prune(base, TaskRetention(), repository, cutoff, batch_size=2)
     assert result.leftovers_removed == (2 if after_commit else 0)
-    assert result.tasks == (1 if after_commit else 3) and not result.skipped
-    assert rows().isdisjoint(old) and list((base / "completed").iterdir()) == []
+    assert result.tasks == (1 if after_commit else 2) and not result.skipped
+    assert rows().isdisjoint(old) and all(path.name not in old for path in (base / "completed").iterdir())
     assert TaskUsageQuery().per_user() == usage_before
     assert not [name for name in os.listdir(base / "locks")]
 
@@ -215,13 +224,12 @@ def test_a_restore_brings_the_usage_of_pruned_tasks_back_with_the_tasks_in_place
     assert TaskUsageQuery(blank_connection).per_user() == at_backup
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
-def test_migrate_data_carries_the_usage_of_pruned_tasks_once_and_refuses_to_add_to_another_s(
+def test_migrate_data_carries_the_usage_of_pruned_tasks_into_an_empty_target_only(
     blank_connection: DatabaseConnection, tmp_path: Path
 ) -> None:
     target = blank_connection.config
     DatabaseConnection.reset()
-    source_path = tmp_path / "tasks.db"
+    source_path = tmp_path / "source.db"
     source = DatabaseConnection.initialize(DatabaseConfig(url=f"sqlite:///{source_path}"))
     upgrade_schema(source)
     old_finished(source, 6, "ann", 11)
@@ -234,17 +242,15 @@ def test_migrate_data_carries_the_usage_of_pruned_tasks_once_and_refuses_to_add_
     first = migrate_data(str(source_path), connection)
     assert first.copied == 3 and first.usage_buckets > 0
     assert TaskUsageQuery(connection).per_user() == expected
-    again = migrate_data(str(source_path), connection)  # run again: nothing added twice
-    assert again.copied == 0 and again.usage_buckets == 0
-    assert TaskUsageQuery(connection).per_user() == expected
-    # A target that pruned tasks of its own (here: the copied ones): a copy could bring them back beside their
-    # usage. Refused whole, its tasks untouched.
+    # Run again, or after the target pruned tasks of its own: its buckets cannot tell which tasks they stand
+    # for, so a copy that could bring one back beside its usage is refused whole, the target untouched.
     with DatabaseConnection.get_instance().engine.begin() as raw:
         raw.execute(update(Task).values(completed_at=LONG_AGO))
     prune_all(connection)
     before = (TaskUsageQuery(connection).per_user(), rows())
-    with pytest.raises(DataMigrationError, match="twice"):
-        migrate_data(str(source_path), connection, overwrite=True)
+    for overwrite in (False, True):
+        with pytest.raises(DataMigrationError, match="twice"):
+            migrate_data(str(source_path), connection, overwrite=overwrite)
     assert (TaskUsageQuery(connection).per_user(), rows()) == before
     # A pruned source into a target that holds tasks (perhaps the pruned ones): refused as well.
     with DatabaseConnection.get_instance().engine.begin() as raw:
@@ -262,7 +268,7 @@ def test_stray_links_and_files_in_the_tree_are_kept_and_stop_nothing_else(
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("not the task's")
-    dangling, directory, linked_out, healthy = (finished_task(agent_config, number, 5) for number in range(1, 5))
+    dangling, directory, linked_out, blocked, healthy = (finished_task(agent_config, n, 5) for n in range(1, 6))
     locks.mkdir(exist_ok=True)
     (locks / f"{dangling}.lock").symlink_to(tmp_path / "nowhere")
     (locks / f"{directory}.lock").mkdir()
@@ -270,11 +276,13 @@ def test_stray_links_and_files_in_the_tree_are_kept_and_stop_nothing_else(
     # Names only a prune gives, but not what a prune makes: a link out of the tree and a file.
     (completed / f"{PRUNING}{uuid.uuid4()}").symlink_to(outside)
     (completed / f"{PRUNING}{uuid.uuid4()}").write_text("a file")
+    (completed / f"{PRUNING}{blocked}").mkdir()  # beside completed/<blocked>: neither may replace the other
     cutoff = datetime.now(UTC) - timedelta(days=100)
     result = prune(base, TaskRetention(), TaskRepository(), cutoff, batch_size=2)
     assert result.tasks == 1 and not (completed / healthy).exists()
-    assert {uuid for uuid, _ in result.skipped} == {dangling, directory, linked_out}
-    assert rows() >= {dangling, directory, linked_out}
-    assert all((completed / key).is_dir() for key in (dangling, directory, linked_out))
+    assert {uuid for uuid, _ in result.skipped} == {dangling, directory, linked_out, blocked}
+    assert rows() >= {dangling, directory, linked_out, blocked}
+    assert all((completed / key).is_dir() for key in (dangling, directory, linked_out, blocked))
+    assert (completed / f"{PRUNING}{blocked}").is_dir()
     assert sorted(path.name for path in outside.iterdir()) == ["keep.txt"]
     assert (outside / "keep.txt").read_text() == "not the task's"
