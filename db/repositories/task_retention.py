@@ -69,6 +69,7 @@ class TaskRetention:
 
     def __init__(self, connection: DatabaseConnection | None = None) -> None:
         self._connection = connection if connection is not None else DatabaseConnection.get_instance()
+        self._postgresql = self._connection.config.backend == "postgresql"
 
     def summary(self, cutoff: datetime) -> PruneSummary:
         """Counts by status, tokens, and the first and last completion of the tasks `prune` would remove."""
@@ -80,7 +81,7 @@ class TaskRetention:
                 func.min(TASKS.c.completed_at),
                 func.max(TASKS.c.completed_at),
             )
-            .where(_past(cutoff))
+            .where(_past(cutoff, postgresql=self._postgresql))
             .group_by(TASKS.c.status)
         )
         rows = run_single_statement(
@@ -104,7 +105,7 @@ class TaskRetention:
             raise ValueError(f"limit must be an integer in 1..{MAX_BATCH}, got {limit!r}")
         statement = (
             select(TASKS.c.uuid, TASKS.c.status, TASKS.c.created_at, TASKS.c.completed_at, TASKS.c.total_tokens)
-            .where(_past(cutoff))
+            .where(_past(cutoff, postgresql=self._postgresql))
             .order_by(TASKS.c.created_at, TASKS.c.uuid)
             .limit(limit)
         )
@@ -133,7 +134,7 @@ class TaskRetention:
         if self._connection.config.backend == "postgresql":
             return self._prune_in_one_statement(keys, cutoff)
         chosen = select(TASKS.c.uuid, TASKS.c.user, TASKS.c.created_at, TASKS.c.total_tokens).where(
-            TASKS.c.uuid.in_(keys), _past(cutoff)
+            TASKS.c.uuid.in_(keys), _past(cutoff, postgresql=False)
         )
 
         def work(session: Session) -> list[str]:
@@ -177,9 +178,14 @@ class TaskRetention:
         return [key for key in keys if key not in remaining]
 
 
-def _past(cutoff: datetime) -> ColumnElement[bool]:
+def _past(cutoff: datetime, *, postgresql: bool) -> ColumnElement[bool]:
     """Finished before `cutoff`, and created before it too: the `created_at` index finds them, and a row whose
     clock put its creation after its finish is kept rather than missed by one listing and counted by another."""
     finished = sorted(status.value for status in FINISHED_STATUSES)
     moment = literal(cutoff, UTCDateTime())
-    return and_(TASKS.c.status.in_(finished), TASKS.c.completed_at < moment, TASKS.c.created_at < moment)
+    # On SQLite the status goes through a function, so that its planner does not reach for a status index: it
+    # would then read every finished row and sort them all for each page (0.9 s a page at a million rows), where
+    # the created_at index gives them in order (under a millisecond). PostgreSQL's planner walks that index with
+    # an incremental sort by itself, and misjudges the function's selectivity.
+    status = TASKS.c.status if postgresql else func.coalesce(TASKS.c.status, "")
+    return and_(status.in_(finished), TASKS.c.completed_at < moment, TASKS.c.created_at < moment)
