@@ -241,7 +241,9 @@ def run_statement(
             log_if_slow(sql, started, threshold_ms)
             return rows
         except driver_error_class as driver_error:
-            lost = engine.dialect.is_disconnect(driver_error, driver, None) or is_read_only_server(driver_error)
+            # A writer's connection on a server that cannot write is as good as lost; a reader's refuses by design.
+            demoted = is_read_only_server(driver_error) and not connection.read_only
+            lost = engine.dialect.is_disconnect(driver_error, driver, None) or demoted
             if lost:
                 # As SQLAlchemy's own path does: every connection of the pool older than this one is dropped at
                 # its next checkout (after a server restart they are all dead), and this one now.

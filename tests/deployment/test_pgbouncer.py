@@ -17,13 +17,13 @@ from tests.support.workers import agent_life_cycles
 from tools.pgbouncer import PgBouncer, PgBouncerUnavailableError
 from tools.postgres_server import PostgresUnavailableError, ThrowawayCluster, find_bindir
 
-PROCESSES, TASKS, ROUNDS = 32, 2, 15
-SERVER_CONNECTIONS = 10
+PROCESSES, TASKS, ROUNDS = 16, 2, 15
+SERVER_CONNECTIONS = 5
 
 
 @pytest.fixture
 def bouncer() -> Iterator[tuple[ThrowawayCluster, PgBouncer]]:
-    """A cluster that takes 30 connections at most, and PgBouncer holding 10 of them for 'agent'."""
+    """A cluster that takes 30 connections at most, and PgBouncer holding 5 of them for 'agent'."""
     bindir = find_bindir()
     if bindir is None:
         pytest.fail("PgBouncer tests need PostgreSQL's binaries: install the postgresql package", pytrace=False)
@@ -58,7 +58,7 @@ def bouncer() -> Iterator[tuple[ThrowawayCluster, PgBouncer]]:
         cluster.stop()
 
 
-def test_thirty_two_agents_through_pgbouncer_and_its_server_restarted_under_load(
+def test_sixteen_agents_through_pgbouncer_and_its_server_restarted_under_load(
     bouncer: tuple[ThrowawayCluster, PgBouncer], tmp_path: Path
 ) -> None:
     cluster, pgbouncer = bouncer
