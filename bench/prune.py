@@ -155,7 +155,9 @@ def main() -> None:
     try:
         if server is not None:
             server.execute_admin("DROP DATABASE IF EXISTS bench_prune", "CREATE DATABASE bench_prune")
-            config = DatabaseConfig(url=server.database_url("bench_prune").render_as_string(hide_password=False))
+            # Filling a million rows is one long statement: no statement timeout for it.
+            url = server.database_url("bench_prune").render_as_string(hide_password=False)
+            config = DatabaseConfig(url=url, statement_timeout=0)
         else:
             config = DatabaseConfig(url=f"sqlite:///{workdir / 'tasks.db'}")
         connection = DatabaseConnection.initialize(config)
