@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Tests that restart servers of their own, or drive a browser, take minutes per mutant: left out.
 SLOW = (
-    "not restarts_under_load and not pgbouncer and not crash and not ssl and not sixteen_processes"
+    "not restarts_under_load and not pgbouncer and not crash and not ssl and not eight_processes"
     " and not browser and not dashboard and not scale"
 )
 SERVER_TESTS = (

@@ -99,13 +99,13 @@ def test_answers_lost_after_the_commit_are_sent_again_and_count_once(postgres_ur
         assert task is not None and (task.llm_call_count, task.total_tokens) == (count, 3 * count), key
 
 
-def test_sixteen_processes_write_one_sqlite_file(tmp_path: Path) -> None:
+def test_eight_processes_write_one_sqlite_file(tmp_path: Path) -> None:
     path = str(tmp_path / "tasks.db")
     connection = DatabaseConnection.initialize(DatabaseConfig(sqlite_path=path))
     upgrade_schema(connection)
     shared = TaskRepository(connection).create(task_data())
     DatabaseConnection.reset()
-    processes, rounds = 16, 40
+    processes, rounds = 8, 40
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=write_concurrently, args=(path, shared.uuid, rounds)) for _ in range(processes)]
     for worker in workers:
