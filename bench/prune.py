@@ -19,10 +19,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cli.tasks import SQLITE_YIELD
 from db import DatabaseConfig, DatabaseConnection, TaskRepository, TaskRetention, TaskUsageQuery
 from db.schema import upgrade_schema
-from ops.prune import prune
+from ops.prune import SQLITE_YIELD, prune
 from tools.postgres_server import start_postgres
 
 OLD = datetime.now(UTC) - timedelta(days=200)

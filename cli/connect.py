@@ -29,6 +29,11 @@ def open_read_only(args: argparse.Namespace, *, wait: bool = True) -> DatabaseCo
 
 def open_read_only_at_head(args: argparse.Namespace, *, wait: bool = True) -> DatabaseConnection:
     """A reading connection to a database whose schema is at head; else the command that fixes it."""
-    connection = open_read_only(args, wait=wait)
+    return read_only_at_head(DatabaseConfig.load(args.config), wait=wait)
+
+
+def read_only_at_head(config: DatabaseConfig, *, wait: bool = True) -> DatabaseConnection:
+    """`open_read_only_at_head` for a configuration already loaded."""
+    connection = DatabaseConnection.initialize(config if wait else replace(config, startup_timeout=0), read_only=True)
     require_current_schema(connection)
     return connection

@@ -6,15 +6,14 @@ import argparse
 import contextlib
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.arguments import integer_in, network, port, zone_name
+from cli.arguments import integer_in, network, port, stale_minutes, zone_name
+from cli.connect import read_only_at_head
 from cli.tree import CommandTree
-from db import DatabaseConfig, DatabaseConfigError, DatabaseConnection, DatabaseError
-from db.schema import require_current_schema
+from db import DatabaseConfig, DatabaseConfigError, DatabaseError
 
 if TYPE_CHECKING:
     from dashboard import DatabaseSource
@@ -69,12 +68,7 @@ def dashboard_source(config_file: str | None, env: Mapping[str, str]) -> Databas
     on_sqlite_file = config.backend == "sqlite" and not config.is_sqlite_memory
     sqlite_file = Path(config.sqlalchemy_url.database or "") if on_sqlite_file else None
 
-    def open_at_head() -> DatabaseConnection:
-        connection = DatabaseConnection.initialize(replace(config, startup_timeout=0), read_only=True)
-        require_current_schema(connection)
-        return connection
-
-    return DatabaseSource(open_at_head, empty_until_created=sqlite_file)
+    return DatabaseSource(lambda: read_only_at_head(config, wait=False), empty_until_created=sqlite_file)
 
 
 def register(tree: CommandTree) -> None:
@@ -118,7 +112,7 @@ def register(tree: CommandTree) -> None:
     )
     server.add_argument(
         "--stale-minutes",
-        type=integer_in(1, 525_600),
+        type=stale_minutes,
         default=10,
         metavar="MINUTES",
         help="a running task with no sign of life from its agent this long is shown as stale (default 10)",

@@ -23,7 +23,7 @@ from db import DatabaseError, TaskLiveness, TaskRepository, TaskRetention, TaskS
 from db.config import load_base_dir, load_inheritance_days
 from db.repositories.task_repository import PREVIOUS_STATUSES
 from db.schema import require_current_schema
-from ops.prune import PrunePlan, plan_prune, prune
+from ops.prune import SQLITE_YIELD, PrunePlan, plan_prune, prune
 from ops.usage_export import usage_csv
 
 
@@ -196,10 +196,6 @@ def cmd_tasks_stale(args: argparse.Namespace) -> int:
     failed = sum(liveness.fail_stale(item.task.uuid, silent, now=now) for item in found)
     print(f"marked {failed} of {len(found)} failed (the others gave a sign of life or finished meanwhile)")
     return 0
-
-
-# On SQLite, pruning waits as long again after each batch, so that agents' writes waiting on the file get in.
-SQLITE_YIELD = 1.0
 
 
 def cmd_tasks_prune(args: argparse.Namespace) -> int:

@@ -127,6 +127,10 @@ def plan_prune(base_dir: Path, retention: TaskRetention, cutoff: datetime, *, sh
     return PrunePlan(summary, directories, size, held_back, first, len(folders.leftovers))
 
 
+# On SQLite, a prune waits as long again after each batch, so that agents' writes waiting on the file get in.
+SQLITE_YIELD = 1.0
+
+
 def prune(
     base_dir: Path,
     retention: TaskRetention,
@@ -143,8 +147,8 @@ def prune(
     writers only look again now and then, needs it; PostgreSQL queues them)."""
     folders = TaskFolders.scan(base_dir)
     result = PruneResult()
-    _finish_leftovers(folders, repository, result)
-    if result.leftovers_removed or folders.leftovers:
+    if folders.leftovers:
+        _finish_leftovers(folders, repository, result)
         folders = TaskFolders.scan(base_dir)
     after: PrunableTask | None = None
     while batch := retention.prunable(cutoff, after=after, limit=batch_size):
@@ -165,10 +169,9 @@ def _prune_batch(
     ready: list[str] = []
     try:
         for task in batch:
-            problem = folders.problem(task.uuid)
             names = folders.completed.get(task.uuid, [])
-            if problem is None and names:
-                problem = _claim(folders, task.uuid, names, claimed)
+            # A task with directories is looked at under its lock, once; one without has only running/ to check.
+            problem = _claim(folders, task.uuid, names, claimed) if names else folders.problem(task.uuid)
             if problem is not None:
                 result.skipped.append((task.uuid, problem))
                 continue
@@ -200,6 +203,17 @@ def _prune_batch(
             lock.release()
 
 
+def _why_not_now(folders: TaskFolders, uuid: str, names: list[str]) -> str | None:
+    """Under the task's lock (an agent may have resumed it since the scan): why its directories cannot be set
+    aside now, or None."""
+    if (folders.base_dir / "running" / uuid).exists():
+        return "resumed meanwhile; kept"
+    taken = [name for name in names if os.path.lexists(folders.completed_dir / f"{PRUNING}{name}")]
+    if taken:
+        return f"completed/{PRUNING}{taken[0]} exists already (left by a prune?); kept"
+    return folders.problem(uuid)
+
+
 def _put_back(folders: TaskFolders, claimed: dict[str, tuple[TaskLock, list[str]]], result: PruneResult) -> None:
     for uuid, (_, names) in claimed.items():
         for name in names:
@@ -220,14 +234,10 @@ def _claim(
         return "being worked on; kept"
     except OSError as exc:
         return f"locks/{uuid}.lock cannot be taken ({exc.strerror}); kept"
-    # Checked again under the lock: an agent may have resumed it since the scan.
-    if (folders.base_dir / "running" / uuid).exists() or folders.problem(uuid) is not None:
+    problem = _why_not_now(folders, uuid, names)
+    if problem is not None:
         lock.release()
-        return "resumed or changed meanwhile; kept"
-    taken = [name for name in names if os.path.lexists(folders.completed_dir / f"{PRUNING}{name}")]
-    if taken:
-        lock.release()
-        return f"completed/{PRUNING}{taken[0]} exists already (left by a prune?); kept"
+        return problem
     moved: list[str] = []
     try:
         for name in names:
