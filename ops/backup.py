@@ -54,7 +54,7 @@ def libpq_environment(connection: DatabaseConnection) -> dict[str, str]:
     PGPASSWORD, PGDATABASE and SSL settings."""
     url = connection.config.sqlalchemy_url
     # Exactly the hosts and ports the agents' driver is given (a multi-host URL's as libpq's comma lists).
-    _, given = url.get_dialect()().create_connect_args(url)
+    _, given = connection.engine.dialect.create_connect_args(url)
     settings = {
         "PGHOST": given.get("host"),
         "PGPORT": given.get("port"),

@@ -371,9 +371,10 @@ class TaskSource:
 def _bucket_user(user: object, path: Path) -> str | None:
     if user is None:
         return None
-    if not isinstance(user, str) or len(storable_text(user)) > LENGTHS["user"]:
+    stored = storable_text(user) if isinstance(user, str) else None
+    if stored is None or len(stored) > LENGTHS["user"]:
         raise DataMigrationError(f"{path}: a usage bucket's user is not a name of at most {LENGTHS['user']} characters")
-    return storable_text(user)
+    return stored
 
 
 def _bucket_start(value: object, path: Path) -> datetime:

@@ -131,7 +131,7 @@ class TaskRetention:
             raise ValueError(f"at most {MAX_BATCH} tasks are pruned at once, got {len(keys)}")
         if not keys:
             return []
-        if self._connection.config.backend == "postgresql":
+        if self._postgresql:
             return self._prune_in_one_statement(keys, cutoff)
         chosen = select(TASKS.c.uuid, TASKS.c.user, TASKS.c.created_at, TASKS.c.total_tokens).where(
             TASKS.c.uuid.in_(keys), _past(cutoff, postgresql=False)

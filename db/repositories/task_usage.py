@@ -173,8 +173,10 @@ def _usage_rows(bounds: tuple[datetime, datetime] | None, user: str | None) -> S
     """What usage is summed over, as (user, at, tokens): each task at its creation, and each usage bucket of
     pruned tasks at its start; within `bounds` [start, end) when given, and only `user`'s when given."""
 
+    stored_user = None if user is None else Task.check_values({"user": user})["user"]
+
     def part(who: Any, at: Any, tokens: Any) -> Any:
-        conditions = [true() if user is None else who == Task.check_values({"user": user})["user"]]
+        conditions = [true() if stored_user is None else who == stored_user]
         if bounds is not None:
             conditions += [at >= literal(bounds[0], UTCDateTime()), at < literal(bounds[1], UTCDateTime())]
         return select(who.label("user"), at.label("at"), tokens.label("tokens")).where(*conditions)
