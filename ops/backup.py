@@ -269,13 +269,8 @@ def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> Restore
         raise DatabaseError(
             f"{backup} is at revision {revision} but holds no usage buckets data: damaged; nothing was changed"
         )
-    process = _start_pg_tool(
-        connection, "pg_restore", "--data-only", "--schema=public", "--table=tasks", "--file=-", "--", str(backup)
-    )
-    assert process.stdout is not None and process.stderr is not None
-    try:
-        columns = _copy_header(process.stdout, backup)
-        _check_columns(columns, backup)
+    with _table_rows(connection, backup, "tasks") as rows:
+        _check_columns(rows.columns, backup)
         # The schema is brought to head first: the rows of every known revision fit it.
         upgrade_schema(connection)
         copy = None
@@ -283,55 +278,32 @@ def _restore_postgresql(connection: DatabaseConnection, backup: Path) -> Restore
             if conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM tasks)").scalar_one():
                 name = connection.config.sqlalchemy_url.database or "database"
                 copy = backup_database(connection, backup_path_for(backup.parent / f"{name}.dump", "before-restore"))
-        data = _CopyData(process.stdout)
         with _refused_as_damaged(backup), connection.engine.connect() as conn, conn.begin() as transaction:
             # The old rows stay visible to everyone else until the new ones are in and counted.
             conn.exec_driver_sql("DELETE FROM tasks")
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            names = ", ".join(f'"{name}"' for name in columns)
-            cursor.copy_expert(f"COPY tasks ({names}) FROM STDIN", data, size=1 << 20)
+            rows.copy_into(cursor, "tasks")
             restored = int(conn.exec_driver_sql("SELECT count(*) FROM tasks").scalar_one())
-            errors = process.stderr.read()
-            if process.wait() != 0 or not data.finished or restored != data.rows:
+            problem = rows.problem() or (None if restored == rows.data.rows else "the data is cut short")
+            if problem is not None:
                 transaction.rollback()
-                problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
                 raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
             conn.exec_driver_sql("DELETE FROM token_usage_buckets")
             if has_buckets:
                 _restore_buckets_postgresql(connection, conn, cursor, backup)
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
     return RestoreResult(restored, revision, copy)
 
 
 def _restore_buckets_postgresql(connection: DatabaseConnection, conn: Connection, cursor: Any, backup: Path) -> None:
     """The backup's usage buckets into the transaction of the restore, checked as every source's are: through
     a table of the same columns, so that the server reads the text and only checked values reach the table."""
-    process = _start_pg_tool(
-        connection,
-        "pg_restore",
-        "--data-only",
-        "--schema=public",
-        "--table=token_usage_buckets",
-        "--file=-",
-        "--",
-        str(backup),
-    )
-    assert process.stdout is not None and process.stderr is not None
-    try:
-        columns = _copy_header(process.stdout, backup)
-        if sorted(columns) != ["bucket_start", "id", "tokens", "user"]:
+    with _table_rows(connection, backup, "token_usage_buckets") as rows:
+        if sorted(rows.columns) != ["bucket_start", "id", "tokens", "user"]:
             raise DatabaseError(f"{backup} holds usage buckets of another shape; nothing was changed")
         conn.exec_driver_sql("CREATE TEMPORARY TABLE restored_buckets (LIKE token_usage_buckets) ON COMMIT DROP")
-        data = _CopyData(process.stdout)
-        names = ", ".join(f'"{name}"' for name in columns)
-        cursor.copy_expert(f"COPY restored_buckets ({names}) FROM STDIN", data, size=1 << 20)
-        errors = process.stderr.read()
-        if process.wait() != 0 or not data.finished:
-            problem = _last_line(errors, process.returncode) if process.returncode else "the data is cut short"
+        rows.copy_into(cursor, "restored_buckets")
+        problem = rows.problem()
+        if problem is not None:
             raise DatabaseError(f"pg_restore of {backup} failed ({problem}); nothing was changed")
         bad, total = conn.exec_driver_sql(
             "SELECT count(*) FILTER (WHERE tokens < 0 OR mod(extract(epoch FROM bucket_start), 900) <> 0 "
@@ -347,11 +319,6 @@ def _restore_buckets_postgresql(connection: DatabaseConnection, conn: Connection
             'INSERT INTO token_usage_buckets ("user", bucket_start, tokens) '
             'SELECT "user", bucket_start, tokens FROM restored_buckets'
         )
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
 
 
 @contextlib.contextmanager
@@ -367,6 +334,43 @@ def _refused_as_damaged(backup: Path) -> Iterator[None]:
 def _table_data(listing: str, table: str) -> list[str]:
     """The entries of pg_restore's listing that hold the data of `table` in the public schema."""
     return re.findall(rf"^\d+; \d+ \d+ TABLE DATA public {table} ", listing, re.MULTILINE)
+
+
+@dataclass
+class _TableRows:
+    """The COPY block of one table in pg_restore's output: its columns, and its rows as a file for copy_expert."""
+
+    columns: list[str]
+    data: _CopyData
+    process: subprocess.Popen[str]
+
+    def copy_into(self, cursor: Any, table: str) -> None:
+        names = ", ".join(f'"{name}"' for name in self.columns)
+        cursor.copy_expert(f"COPY {table} ({names}) FROM STDIN", self.data, size=1 << 20)
+
+    def problem(self) -> str | None:
+        """Once the rows are read: why pg_restore failed or its data ended early, or None."""
+        assert self.process.stderr is not None
+        errors = self.process.stderr.read()
+        if self.process.wait() != 0:
+            return _last_line(errors, self.process.returncode)
+        return None if self.data.finished else "the data is cut short"
+
+
+@contextlib.contextmanager
+def _table_rows(connection: DatabaseConnection, backup: Path, table: str) -> Iterator[_TableRows]:
+    """pg_restore writing the data of `table` (public schema) of `backup`; the process is ended on leaving."""
+    process = _start_pg_tool(
+        connection, "pg_restore", "--data-only", "--schema=public", f"--table={table}", "--file=-", "--", str(backup)
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        yield _TableRows(_copy_header(process.stdout, backup), _CopyData(process.stdout), process)
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def _copy_header(lines: IO[str], backup: Path) -> list[str]:
